@@ -1,0 +1,77 @@
+"""Every error the engine raises, as one tree. Each carries a stable ``code``.
+
+    EmotionError
+    ├── AudioError
+    │   ├── BadReference      metadata.audio is malformed            bad_reference
+    │   ├── ReferenceRefused  the operator does not allow this source refused
+    │   ├── FetchFailed       network or file read failed             fetch_failed
+    │   ├── AudioTooLarge     over the byte or duration cap           too_large
+    │   ├── DecodeFailed      not audio we can decode                 decode_failed
+    │   └── InvalidAudio      empty, too short, non-finite            invalid_audio
+    ├── ModelUnavailable      not loaded, failed to load, bad ckpt    model_unavailable
+    ├── InferenceFailed       the forward pass failed (e.g. OOM)      inference_failed
+    ├── Overloaded            the inference queue is full            overloaded
+    ├── TimedOut              a stage ran past its time limit         timeout
+    └── ConfigError           bad settings or rules file              bad_config
+"""
+
+from __future__ import annotations
+
+
+class EmotionError(Exception):
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class AudioError(EmotionError):
+    code = "audio_error"
+
+
+class BadReference(AudioError):
+    code = "bad_reference"
+
+
+class ReferenceRefused(AudioError):
+    code = "refused"
+
+
+class FetchFailed(AudioError):
+    code = "fetch_failed"
+
+
+class AudioTooLarge(AudioError):
+    code = "too_large"
+
+
+class DecodeFailed(AudioError):
+    code = "decode_failed"
+
+
+class InvalidAudio(AudioError):
+    code = "invalid_audio"
+
+
+class ModelUnavailable(EmotionError):
+    code = "model_unavailable"
+
+
+class InferenceFailed(EmotionError):
+    code = "inference_failed"
+
+
+class Overloaded(EmotionError):
+    code = "overloaded"
+
+
+class TimedOut(EmotionError):
+    code = "timeout"
+
+
+class ConfigError(EmotionError):
+    code = "bad_config"

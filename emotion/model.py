@@ -1,0 +1,232 @@
+"""emotion2vec through FunASR, with an exact padded-batch forward pass.
+
+This is the only engine module that imports torch and funasr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emotion.errors import InferenceFailed, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+FRAME_HOP_S = 0.02  # the conv front end strides 320 samples at 16 kHz
+# Past this many bytes the model's ALiBi cache is dropped after a batch: it grows with
+# heads x batch x frames^2 and is never freed by FunASR.
+ALIBI_CACHE_CAP_BYTES = 256 * 1024 * 1024
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ClipOutput:
+    probs: np.ndarray  # (labels,)
+    embedding: np.ndarray | None = None  # (dim,)
+    frame_probs: np.ndarray | None = None  # (frames, labels)
+    frame_embeddings: np.ndarray | None = None  # (frames, dim)
+    frames: int = 0
+
+
+def english_label(token: str) -> str:
+    # FunASR labels read '生气/angry'; we keep the English half.
+    if token == "<unk>":
+        return "unknown"
+    return token.rsplit("/", 1)[-1].strip().lower()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class EmotionModel:
+    """One emotion2vec checkpoint, resident on one device, answering padded batches."""
+
+    def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto") -> None:
+        self.name = model
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        auto = _build_automodel(model, hub, self.device)
+        self.net = auto.model
+        self.funasr = auto
+        tokens = list(auto.kwargs.get("token_list") or [])
+        if self.net.proj is None or not tokens:
+            raise ModelUnavailable(f"{model}: checkpoint has no classification head or no tokens.txt")
+        # FunASR hides labels named 'unuse*' (the 4-class seed model pads its head with them).
+        self._keep = [i for i, t in enumerate(tokens) if not t.startswith("unuse")]
+        self.labels = [english_label(tokens[i]) for i in self._keep]
+        self.embed_dim = int(self.net.cfg.get("embed_dim"))
+        self._lock = threading.Lock()
+        self._sample_pad: torch.Tensor | None = None
+        self._frame_keep: torch.Tensor | None = None
+        _check_checkpoint(self.net, auto.kwargs.get("init_param"), model)
+        self._install_padding_hooks()
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def _install_padding_hooks(self) -> None:
+        # The 5-layer positional convolution sees padded frames of shorter clips and leaks
+        # them into real frames (emotion2vec issue #37). Zeroing padded frames at the input
+        # of each conv layer reproduces the zero padding a lone clip gets, so batched scores
+        # equal one-by-one scores.
+        encoder = self.net.modality_encoders["AUDIO"]
+        positional = encoder.relative_positional_encoder
+
+        def frame_mask(_module, args):
+            if self._sample_pad is None:
+                self._frame_keep = None
+                return None
+            pad = encoder.convert_padding_mask(args[0], self._sample_pad)
+            self._frame_keep = (~pad).unsqueeze(1)
+            return None
+
+        def zero_padded(_module, args):
+            if self._frame_keep is None:
+                return None
+            return (args[0] * self._frame_keep.to(args[0].dtype),)
+
+        positional.register_forward_pre_hook(frame_mask)
+        for module in positional.modules():
+            if isinstance(module, torch.nn.Conv1d):
+                module.register_forward_pre_hook(zero_padded)
+
+    def forward(self, waves: list[np.ndarray], *, frames: bool = False, embeddings: bool = False) -> list[ClipOutput]:
+        """Score clips of any lengths (16 kHz mono float32) in one padded forward pass."""
+        with self._lock:
+            try:
+                return self._forward(waves, frames, embeddings)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise InferenceFailed(f"GPU out of memory on a batch of {len(waves)} clips") from exc
+            except RuntimeError as exc:
+                raise InferenceFailed(f"inference failed: {str(exc).splitlines()[0][:200]}") from exc
+            finally:
+                self._sample_pad = self._frame_keep = None
+                self._trim_alibi_cache()
+
+    @torch.inference_mode()
+    def _forward(self, waves, frames, embeddings) -> list[ClipOutput]:
+        lengths = torch.tensor([len(w) for w in waves])
+        batch = torch.zeros(len(waves), int(lengths.max()), pin_memory=self.device.type == "cuda")
+        for i, wave in enumerate(waves):
+            clip = torch.from_numpy(wave)
+            if self.net.cfg.normalize:
+                clip = F.layer_norm(clip, clip.shape)  # per clip, before padding, as FunASR does
+            batch[i, : len(wave)] = clip
+        source = batch.to(self.device, non_blocking=True)
+        pad = torch.arange(source.shape[1]) >= lengths[:, None]
+        self._sample_pad = pad.to(self.device) if bool(pad.any()) else None
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = self.net.extract_features(source, padding_mask=self._sample_pad)
+        x = out["x"].float()
+        frame_pad = out["padding_mask"]
+        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if frame_pad is None else ~frame_pad
+        counts = keep.sum(1)
+        pooled = (x * keep.unsqueeze(-1)).sum(1) / counts.unsqueeze(-1)
+        probs = self._probs(pooled).cpu().numpy()
+        frame_probs = self._probs(x).cpu().numpy() if frames else None
+        pooled_np = pooled.cpu().numpy() if embeddings else None
+        x_np = x.cpu().numpy() if (frames and embeddings) else None
+        results = []
+        for i, n in enumerate(counts.tolist()):
+            results.append(
+                ClipOutput(
+                    probs=probs[i],
+                    embedding=None if pooled_np is None else pooled_np[i],
+                    frame_probs=None if frame_probs is None else frame_probs[i, :n],
+                    frame_embeddings=None if x_np is None else x_np[i, :n],
+                    frames=n,
+                )
+            )
+        return results
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.net.proj.weight.float(), self.net.proj.bias.float())
+        return torch.softmax(logits[..., self._keep], dim=-1)
+
+    def _trim_alibi_cache(self) -> None:
+        cache = self.net.alibi_biases
+        if sum(t.numel() * t.element_size() for t in cache.values()) > ALIBI_CACHE_CAP_BYTES:
+            cache.clear()
+
+
+def _build_automodel(model: str, hub: str, device: torch.device):
+    try:
+        from funasr import AutoModel
+    except ImportError as exc:  # pragma: no cover - funasr is a hard dependency
+        raise ModelUnavailable("funasr is not installed: pip install funasr") from exc
+    if Path(model).exists() and not (Path(model) / "config.yaml").is_file():
+        raise ModelUnavailable(f"{model}: not a FunASR model directory (config.yaml, model.pt, tokens.txt)")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        # disable_update: FunASR otherwise asks PyPI for a newer release at every start.
+        # ncpu: FunASR otherwise resets torch's global thread count.
+        return AutoModel(
+            model=model,
+            hub=hub,
+            device=str(device),
+            disable_update=True,
+            ncpu=torch.get_num_threads(),
+            log_level="ERROR",
+            disable_pbar=True,
+        )
+    except ModelUnavailable:
+        raise
+    except Exception as exc:
+        raise ModelUnavailable(f"could not load model {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
+    finally:
+        # FunASR calls logging.basicConfig; the host application owns the root logger.
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _check_checkpoint(net: torch.nn.Module, path: str | None, model: str) -> None:
+    """FunASR skips checkpoint tensors that do not fit the config and keeps random
+    weights in their place; refuse such a checkpoint instead."""
+    if not path or not Path(path).is_file():
+        raise ModelUnavailable(f"{model}: model.pt not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ModelUnavailable(f"{model}: model.pt is unreadable: {str(exc).splitlines()[0][:200]}") from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    bad = []
+    for name, tensor in net.state_dict().items():
+        if ".decoder." in name or name.startswith("ema."):
+            continue  # pre-training parts, unused at inference
+        if name not in state:
+            bad.append(f"{name} (missing)")
+        elif tuple(state[name].shape) != tuple(tensor.shape):
+            bad.append(f"{name} (checkpoint {tuple(state[name].shape)}, config {tuple(tensor.shape)})")
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ModelUnavailable(f"{model}: checkpoint does not match its config.yaml: {shown}")
