@@ -32,6 +32,8 @@ class EngineConfig:
     max_queue: int = 512
     max_batch_audio_seconds: float = 600.0
     window_seconds: float = 30.0
+    segment_seconds: float = 3.0
+    segment_hop_seconds: float = 1.5
     max_audio_seconds: float = 300.0
     min_audio_ms: float = 200.0
     max_audio_bytes: int = 16 * 1024 * 1024
@@ -58,6 +60,8 @@ class EngineConfig:
         _check_range("max_queue", self.max_queue, 1, 100_000)
         _check_range("max_batch_audio_seconds", self.max_batch_audio_seconds, 1, 100_000)
         _check_range("window_seconds", self.window_seconds, 1, 120)
+        _check_range("segment_seconds", self.segment_seconds, 0.5, self.window_seconds)
+        _check_range("segment_hop_seconds", self.segment_hop_seconds, 0.1, self.segment_seconds)
         _check_range("max_audio_seconds", self.max_audio_seconds, 0.1, 24 * 3600)
         _check_range("min_audio_ms", self.min_audio_ms, 30, 10_000)
         _check_range("max_audio_bytes", self.max_audio_bytes, 1024, 2**31)

@@ -165,6 +165,11 @@ class EmotionModel:
             )
         return results
 
+    def probs_from_embedding(self, embedding: np.ndarray) -> np.ndarray:
+        """Apply the classification head to a pooled embedding (used to aggregate windows)."""
+        with torch.inference_mode():
+            return self._probs(torch.from_numpy(embedding).to(self.device)).cpu().numpy()
+
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.net.proj.weight.float(), self.net.proj.bias.float())
         return torch.softmax(logits[..., self._keep], dim=-1)
@@ -176,15 +181,14 @@ class EmotionModel:
 
 
 def _build_automodel(model: str, hub: str, device: torch.device):
-    try:
-        from funasr import AutoModel
-    except ImportError as exc:  # pragma: no cover - funasr is a hard dependency
-        raise ModelUnavailable("funasr is not installed: pip install funasr") from exc
     if Path(model).exists() and not (Path(model) / "config.yaml").is_file():
         raise ModelUnavailable(f"{model}: not a FunASR model directory (config.yaml, model.pt, tokens.txt)")
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    root.setLevel(max(level, logging.WARNING))  # FunASR's INFO chatter while it loads
     try:
+        from funasr import AutoModel  # configures the root logger on import
+
         # disable_update: FunASR otherwise asks PyPI for a newer release at every start.
         # ncpu: FunASR otherwise resets torch's global thread count.
         return AutoModel(

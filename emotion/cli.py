@@ -1,0 +1,133 @@
+"""``python -m emotion``: analyze files, benchmark, send a voice turn to Rasa, make test checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from emotion.config import GRANULARITIES, EngineConfig
+from emotion.errors import EmotionError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emotion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    analyze = sub.add_parser("analyze", help="tag audio files with an emotion")
+    analyze.add_argument("files", nargs="+")
+    _model_args(analyze)
+    analyze.add_argument("--granularity", choices=GRANULARITIES, default="utterance")
+    analyze.add_argument("--encoding", help="headerless input: mulaw, alaw or pcm_s16le")
+    analyze.add_argument("--sample-rate", type=int, help="sample rate of headerless input, e.g. 8000")
+    analyze.add_argument("--embeddings", action="store_true", help="include the utterance embedding")
+    analyze.add_argument("--json", action="store_true", help="one JSON object per input line")
+    analyze.add_argument("--plot", metavar="PNG", help="draw emotion over time (one file, frame or segment granularity)")
+    analyze.add_argument("--threshold", type=float, default=0.7, help="escalation threshold drawn on the plot")
+
+    bench = sub.add_parser("bench", help="throughput and latency against FunASR's generate()")
+    _model_args(bench)
+    bench.add_argument("--size", choices=("tiny", "base", "large"), default="large", help="checkpoint built when --model is not given")
+    bench.add_argument("--clips", type=int, default=64)
+    bench.add_argument("--baseline-clips", type=int, default=16)
+    bench.add_argument("--seconds", type=float, nargs=2, default=(1.0, 15.0), metavar=("MIN", "MAX"))
+    bench.add_argument("--fixed-seconds", type=float, help="every clip this long (e.g. 5)")
+    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    bench.add_argument("--server-turns", type=int, default=64, help="turns through the action server over HTTP (0: skip)")
+    bench.add_argument("--server-concurrency", type=int, default=16)
+    bench.add_argument("--compare-fp32", action="store_true", help="check bf16/fp16 against fp32 on the same clips")
+
+    send = sub.add_parser("send-turn", help="post a voice turn to Rasa's REST channel")
+    send.add_argument("audio")
+    send.add_argument("--rasa", default="http://localhost:5005")
+    send.add_argument("--sender", default="caller-1")
+    send.add_argument("--text", default="")
+    send.add_argument("--url", action="store_true", help="send AUDIO as a URL reference instead of base64")
+    send.add_argument("--mulaw", action="store_true", help="convert to 8 kHz mu-law raw before sending, as a phone gateway would")
+
+    make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint (tests and benchmarks only)")
+    make.add_argument("directory")
+    make.add_argument("--size", choices=("tiny", "base", "large"), default="tiny")
+    make.add_argument("--head", nargs="*", default=None, metavar="LABEL=P", help="fix the scores, e.g. angry=0.9")
+    make.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+        if args.command == "bench":
+            from emotion.bench import run_bench
+
+            print(json.dumps(run_bench(args), indent=2))
+            return 0
+        if args.command == "send-turn":
+            from emotion.client import send_turn
+
+            return send_turn(args)
+        from emotion.checkpoint import write_checkpoint
+
+        head = None
+        if args.head is not None:
+            head = {k: float(v) for k, v in (item.split("=", 1) for item in args.head)}
+        print(write_checkpoint(args.directory, size=args.size, head_probs=head, seed=args.seed))
+        return 0
+    except EmotionError as exc:
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id, alias (plus_large, plus_base, ...) or local directory; default EMOTION_MODEL")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+
+
+def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
+    overrides = {k: getattr(args, k) for k in ("model", "device", "dtype") if getattr(args, k, None)}
+    overrides.update(extra)
+    return EngineConfig.from_env(**overrides)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from emotion.audio import decode_audio
+    from emotion.engine import EmotionEngine
+
+    config = config_from_args(args, warmup=False)
+    if args.plot and (len(args.files) != 1 or args.granularity == "utterance"):
+        print("error: --plot takes one file and --granularity frame or segment", file=sys.stderr)
+        return 2
+    waves, rows = {}, []
+    for name in args.files:
+        try:
+            data = Path(name).read_bytes()
+            waves[name] = decode_audio(data, encoding=args.encoding, sample_rate_hz=args.sample_rate,
+                                       max_seconds=config.max_audio_seconds, min_seconds=config.min_audio_ms / 1000)
+        except OSError as exc:
+            rows.append((name, {"code": "fetch_failed", "message": f"cannot read file: {exc.strerror}"}))
+        except EmotionError as exc:
+            rows.append((name, exc.as_dict()))
+    results = {}
+    if waves:
+        engine = EmotionEngine(config).load()
+        for name, result in zip(waves, engine.analyze_waves(list(waves.values()), granularity=args.granularity, embeddings=args.embeddings)):
+            results[name] = result
+    errors = dict(rows)
+    for name in args.files:
+        if name in errors:
+            line = {"file": name, "error": errors[name]}
+            print(json.dumps(line, ensure_ascii=False) if args.json else f"{name}: error [{errors[name]['code']}] {errors[name]['message']}")
+            continue
+        result = results[name]
+        if args.json:
+            print(json.dumps({"file": name, **result.as_dict()}, ensure_ascii=False))
+        else:
+            others = sorted(result.scores.items(), key=lambda kv: -kv[1])[1:4]
+            print(f"{name}: {result.emotion} {result.confidence:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in others)})")
+    if args.plot and results:
+        from emotion.plot import plot_timeline
+
+        plot_timeline(results[args.files[0]], args.plot, threshold=args.threshold, title=Path(args.files[0]).name)
+    return 1 if errors else 0

@@ -1,0 +1,28 @@
+"""Prometheus metrics for the engine and the actions (one registry per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+TURNS = Counter("emotion_turns_total", "User turns seen by action_analyze_emotion", ["outcome"])
+ERRORS = Counter("emotion_errors_total", "Turns that could not be analysed, by error code", ["code"])
+ESCALATIONS = Counter("emotion_escalations_total", "Escalations, by the rule that fired", ["rule"])
+STAGE_SECONDS = Histogram("emotion_stage_seconds", "Time per stage of a turn", ["stage"], buckets=_LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("emotion_batch_size", "Clips per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_SECONDS = Histogram("emotion_batch_seconds", "Time per inference batch", buckets=_LATENCY_BUCKETS)
+QUEUE_DEPTH = Gauge("emotion_queue_depth", "Clips waiting for inference")
+MODEL_READY = Gauge("emotion_model_ready", "1 once the model is loaded and warm")
+
+__all__ = ["CONTENT_TYPE_LATEST", "generate_latest", "record_batch", "record_timings"]
+
+
+def record_batch(size: int, seconds: float) -> None:
+    BATCH_SIZE.observe(size)
+    BATCH_SECONDS.observe(seconds)
+
+
+def record_timings(timings_ms: dict[str, float]) -> None:
+    for stage, ms in timings_ms.items():
+        STAGE_SECONDS.labels(stage).observe(ms / 1000)

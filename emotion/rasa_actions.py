@@ -1,0 +1,203 @@
+"""The Rasa glue: two actions and the action-server extensions (readiness, metrics).
+
+Importing this module from a bot's own ``actions`` package is all it takes: rasa-sdk
+registers every imported ``Action`` subclass, and the plugin below attaches to the
+Sanic app that ``rasa run actions`` builds in each worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import pluggy
+from rasa_sdk import Action, Tracker
+from rasa_sdk.events import ConversationPaused, SlotSet
+from rasa_sdk.executor import CollectingDispatcher
+from rasa_sdk.plugin import plugin_manager
+from sanic import response
+
+from emotion import metrics
+from emotion.config import EngineConfig
+from emotion.engine import EmotionEngine
+from emotion.errors import EmotionError
+from emotion.rules import Turn, evaluate_rules, load_rules
+from emotion.sources import parse_audio_ref
+
+log = logging.getLogger(__name__)
+
+ANALYZE_ACTION = "action_analyze_emotion"
+HANDOFF_ACTION = "action_handoff_to_human"
+SLOTS = ("emotion", "emotion_confidence", "emotion_scores", "emotion_history", "escalate", "escalation_reason", "emotion_error")
+
+# One engine per process: rasa-sdk pickles action instances into every Sanic worker, so
+# the model must not live on them.
+_engine: EmotionEngine | None = None
+_rules = None
+
+
+def get_engine() -> EmotionEngine:
+    global _engine, _rules
+    if _engine is None:
+        config = EngineConfig.from_env()
+        _rules = load_rules(config.rules_path, history_turns=config.history_turns)
+        _engine = EmotionEngine(config)
+        _engine.on_batch = metrics.record_batch
+        metrics.QUEUE_DEPTH.set_function(lambda: _engine.status()["queue_depth"])
+    return _engine
+
+
+class ActionAnalyzeEmotion(Action):
+    """Tags the latest user turn with an emotion when its metadata carries audio.
+
+    Runs as the custom mapping action of the emotion slots, so Rasa calls it after every
+    user message; it returns only SlotSet events, which is all Rasa keeps there.
+    """
+
+    def name(self) -> str:
+        return ANALYZE_ACTION
+
+    async def run(self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: dict[str, Any]) -> list[dict[str, Any]]:
+        message = tracker.latest_message or {}
+        audio = (message.get("metadata") or {}).get("audio")
+        if audio is None:
+            metrics.TURNS.labels("no_audio").inc()
+            return []
+        try:
+            engine = get_engine()
+            result = await engine.analyze_ref(parse_audio_ref(audio))
+        except EmotionError as exc:
+            return _failed(tracker, exc.code, exc.message)
+        except Exception:  # a bug must cost this turn its tag, never the conversation
+            log.exception("conversation=%s emotion analysis crashed", tracker.sender_id)
+            return _failed(tracker, "internal", "internal error while analysing the audio")
+
+        config = engine.config
+        history = [t for t in map(Turn.from_dict, tracker.get_slot("emotion_history") or []) if t]
+        history.append(Turn(result.emotion, result.confidence))
+        decision = evaluate_rules(history, _rules, message.get("text"))
+        if decision.escalate:
+            history[-1] = Turn(result.emotion, result.confidence, decision.rule)
+            metrics.ESCALATIONS.labels(decision.rule).inc()
+        metrics.TURNS.labels("tagged").inc()
+        metrics.record_timings(result.timings_ms)
+        log.info(
+            "conversation=%s emotion=%s confidence=%.3f duration_s=%.2f escalate=%s timings_ms=%s%s",
+            tracker.sender_id, result.emotion, result.confidence, result.duration_s, decision.rule,
+            {k: round(v, 1) for k, v in result.timings_ms.items()},
+            f" text={message.get('text')!r}" if config.log_text else "",
+        )
+        return [
+            SlotSet("emotion", result.emotion),
+            SlotSet("emotion_confidence", round(result.confidence, 4)),
+            SlotSet("emotion_scores", {k: round(v, 4) for k, v in result.scores.items()}),
+            SlotSet("emotion_history", [t.as_dict() for t in history[-config.history_turns :]]),
+            SlotSet("emotion_error", None),
+            SlotSet("escalate", decision.escalate),
+            SlotSet("escalation_reason", decision.reason),
+        ]
+
+
+def _failed(tracker: Tracker, code: str, message: str) -> list[dict[str, Any]]:
+    metrics.TURNS.labels("error").inc()
+    metrics.ERRORS.labels(code).inc()
+    log.warning("conversation=%s emotion error [%s]: %s", tracker.sender_id, code, message)
+    # A turn that was not analysed clears the tag and never escalates.
+    return [
+        SlotSet("emotion", None),
+        SlotSet("emotion_confidence", None),
+        SlotSet("emotion_scores", None),
+        SlotSet("emotion_error", f"[{code}] {message}"),
+        SlotSet("escalate", False),
+    ]
+
+
+class ActionHandoffToHuman(Action):
+    """Hands the caller to a human: a transfer payload for the channel, the handoff
+    message, a paused conversation, and ``escalate`` reset."""
+
+    def name(self) -> str:
+        return HANDOFF_ACTION
+
+    async def run(self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: dict[str, Any]) -> list[dict[str, Any]]:
+        user_texts = [e.get("text") for e in tracker.events if e.get("event") == "user" and e.get("text")]
+        dispatcher.utter_message(
+            json_message={
+                "handoff": {
+                    "conversation_id": tracker.sender_id,
+                    "reason": tracker.get_slot("escalation_reason"),
+                    "emotion": tracker.get_slot("emotion"),
+                    "confidence": tracker.get_slot("emotion_confidence"),
+                    "emotion_history": tracker.get_slot("emotion_history") or [],
+                    "last_user_text": user_texts[-1] if user_texts else None,
+                    "recent_user_texts": user_texts[-5:],
+                }
+            }
+        )
+        dispatcher.utter_message(response="utter_handoff")
+        log.info("conversation=%s handed off: %s", tracker.sender_id, tracker.get_slot("escalation_reason"))
+        return [SlotSet("escalate", False), ConversationPaused()]
+
+
+# -- action-server extensions -------------------------------------------------------
+
+_hookimpl = pluggy.HookimplMarker("rasa_sdk")
+
+
+class _ServerExtensions:
+    @_hookimpl
+    def attach_sanic_app_extensions(self, app) -> None:
+        app.register_listener(_before_start, "before_server_start")
+        app.register_listener(_after_stop, "after_server_stop")
+        app.add_route(_ready, "/ready", methods=["GET"], name="emotion_ready")
+        if EngineConfig.from_env().metrics:
+            app.add_route(_metrics, "/metrics", methods=["GET"], name="emotion_metrics")
+
+
+async def _before_start(app, _loop) -> None:
+    engine = get_engine()
+    if engine.config.fail_fast:
+        try:
+            await engine.start()
+        except EmotionError as exc:
+            log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
+            sys.exit(3)
+        metrics.MODEL_READY.set(1)
+    else:
+        app.add_task(_load_in_background(engine), name="emotion_load")
+
+
+async def _load_in_background(engine: EmotionEngine) -> None:
+    try:
+        await engine.start()
+        metrics.MODEL_READY.set(1)
+    except EmotionError as exc:
+        # Turns get emotion_error and /ready says why; the bot keeps talking.
+        log.error("emotion model failed to load: %s", exc.message)
+    except asyncio.CancelledError:
+        raise
+
+
+async def _after_stop(app, _loop) -> None:
+    if _engine is not None:
+        await _engine.close()
+
+
+async def _ready(_request):
+    status = get_engine().status()
+    return response.json(status, status=200 if status["ready"] else 503)
+
+
+async def _metrics(_request):
+    return response.raw(metrics.generate_latest(), content_type=metrics.CONTENT_TYPE_LATEST)
+
+
+def _register_extensions() -> None:
+    manager = plugin_manager()
+    if not manager.has_plugin("emotion"):
+        manager.register(_ServerExtensions(), name="emotion")
+
+
+_register_extensions()

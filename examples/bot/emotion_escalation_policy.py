@@ -1,0 +1,1 @@
+../../domain_snippets/emotion_escalation_policy.py
