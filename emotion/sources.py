@@ -134,10 +134,11 @@ class AudioFetcher:
             fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:
             raise FetchFailed(f"cannot open {value!r}: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ReferenceRefused(f"{value!r} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ReferenceRefused(f"{value!r} is not a regular file")
             if info.st_size > self.max_bytes:
                 raise AudioTooLarge(f"{value!r} is {info.st_size} bytes; the limit is {self.max_bytes}")
             data = f.read(self.max_bytes + 1)

@@ -1,0 +1,221 @@
+"""Shared test parts: generated audio, generated checkpoints, real servers on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from emotion.checkpoint import write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SR = 16_000
+
+
+def speech_like(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-shaped signal: a gliding pitch with harmonics, an envelope, noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = np.clip(np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, 6)), 0, None) ** 0.5
+    return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def encode(wave: np.ndarray, sr: int, fmt: str, subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def wav_bytes(seconds: float = 2.0, sr: int = SR, seed: int = 0) -> bytes:
+    return encode(speech_like(seconds, sr, seed), sr, "WAV", "PCM_16")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Checkpoint directories by name, made once per session."""
+    root = tmp_path_factory.mktemp("models")
+    made: dict[str, Path] = {}
+
+    def get(name: str = "random", **head: float) -> Path:
+        if name not in made:
+            made[name] = write_checkpoint(root / name, size="tiny", head_probs=head or None, seed=len(made))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models) -> Path:
+    return models("random")
+
+
+class ActionServer:
+    """The real rasa-sdk action server with our actions package, in its own process."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "SANIC_HOST": "127.0.0.1", **env}
+        self.log = open(Path(env.get("_LOG_DIR", "/tmp")) / f"action-server-{self.port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(self.port)],
+            cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait(self, ready: bool = True, timeout_s: float = 120.0) -> ActionServer:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"action server exited with {self.proc.returncode}; log: {self.log.name}")
+            try:
+                r = httpx.get(self.url + ("/ready" if ready else "/health"), timeout=2)
+                if r.status_code == 200 or (not ready and r.status_code == 503):
+                    return self
+                if ready and r.json().get("error"):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"action server not ready after {timeout_s} s; log: {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def start_action_server(tmp_path):
+    servers = []
+
+    def start(env: dict[str, str], ready: bool = True, port: int | None = None) -> ActionServer:
+        server = ActionServer({"_LOG_DIR": str(tmp_path), **env}, port=port)
+        servers.append(server)
+        return server.wait(ready=ready)
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def audio_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("audio_root")
+    (root / "turn.wav").write_bytes(wav_bytes(2.0))
+    return root
+
+
+def rasa_call(sender: str, metadata: dict | None, text: str = "hello", slots: dict | None = None,
+              action: str = "action_analyze_emotion") -> dict:
+    """The JSON body Rasa 3.6 posts to the action server's /webhook."""
+    message = {
+        "text": text,
+        "intent": {"name": "greet", "confidence": 0.99},
+        "entities": [],
+        "message_id": "m1",
+        "metadata": metadata or {},
+    }
+    return {
+        "next_action": action,
+        "sender_id": sender,
+        "tracker": {
+            "sender_id": sender,
+            "slots": {"emotion_history": None, "escalate": False, **(slots or {})},
+            "latest_message": message,
+            "latest_event_time": time.time(),
+            "followup_action": None,
+            "paused": False,
+            "events": [
+                {"event": "action", "name": "action_listen", "timestamp": time.time()},
+                {"event": "user", "text": text, "parse_data": message, "metadata": metadata or {}, "timestamp": time.time()},
+            ],
+            "latest_input_channel": "rest",
+            "active_loop": {},
+            "latest_action": {"action_name": "action_listen"},
+            "latest_action_name": "action_listen",
+        },
+        "domain": {"version": "3.1", "slots": {}, "responses": {"utter_handoff": [{"text": "handing off"}]}, "actions": []},
+        "version": "3.6.21",
+    }
+
+
+def slot_events(body: dict) -> dict:
+    return {e["name"]: e["value"] for e in body["events"] if e["event"] == "slot"}
+
+
+class LocalHTTPServer:
+    """A real HTTP server on 127.0.0.1 with scripted routes: path -> (status, headers, body)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple] = {}
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.requests.append({"path": self.path, "headers": dict(self.headers)})
+                status, headers, body = outer.routes.get(self.path.split("?")[0], (404, {}, b"not found"))
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    if callable(body):
+                        self.end_headers()
+                        body(self.wfile)
+                        return
+                    if "Content-Length" not in headers:
+                        self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_server():
+    server = LocalHTTPServer()
+    yield server
+    server.close()

@@ -1,0 +1,193 @@
+"""The batcher's scheduling, with a recording fake model; parity through it with the real one."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import speech_like
+
+from emotion.batching import MicroBatcher
+from emotion.config import EngineConfig
+from emotion.engine import EmotionEngine
+from emotion.errors import InferenceFailed, Overloaded, TimedOut
+
+
+class Recorder:
+    """Stands in for the model: records each batch, optionally sleeps or fails."""
+
+    def __init__(self, delay_s=0.0, fail_on=None, oom_above=None):
+        self.batches = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.oom_above = oom_above
+        self.threads = set()
+
+    def __call__(self, items):
+        self.threads.add(threading.get_ident())
+        self.batches.append(list(items))
+        time.sleep(self.delay_s)
+        if self.oom_above is not None and len(items) > self.oom_above:
+            raise InferenceFailed(f"GPU out of memory on a batch of {len(items)} clips")
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError("poisoned item")
+        return [f"done:{i}" for i in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_fills_up_to_max_batch_size():
+    rec = Recorder(delay_s=0.01)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=50)
+        out = await asyncio.gather(*(b.submit(i) for i in range(10)))
+        await b.close()
+        return out
+
+    assert run(main()) == [f"done:{i}" for i in range(10)]
+    assert max(len(x) for x in rec.batches) == 4
+    assert sum(len(x) for x in rec.batches) == 10
+    assert len(rec.threads) == 1  # one inference thread
+
+
+def test_max_wait_closes_a_partial_batch():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=64, max_wait_ms=30)
+        started = time.monotonic()
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.sleep(0.005)
+        second = asyncio.create_task(b.submit("b"))
+        results = await asyncio.gather(first, second)
+        waited = time.monotonic() - started
+        await asyncio.sleep(0.06)
+        late = await b.submit("c")
+        await b.close()
+        return results, waited, late
+
+    results, waited, late = run(main())
+    assert results == ["done:a", "done:b"] and late == "done:c"
+    assert rec.batches[0] == ["a", "b"]  # both arrived inside the wait window
+    assert rec.batches[1] == ["c"]
+    assert 0.02 < waited < 0.5
+
+
+def test_buckets_by_length_and_caps_padded_cost():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, size=lambda x: x, max_batch_size=16, max_wait_ms=20, max_batch_cost=40)
+        await asyncio.gather(*(b.submit(n) for n in [1, 10, 2, 9, 1, 10, 3, 8]))
+        await b.close()
+
+    run(main())
+    for batch in rec.batches:
+        assert max(batch) <= 2 * min(batch)  # nothing padded to more than twice its length
+        assert len(batch) * max(batch) <= 40
+
+
+def test_a_failing_item_fails_alone():
+    rec = Recorder(fail_on=3)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=20)
+        out = await asyncio.gather(*(b.submit(i) for i in range(8)), return_exceptions=True)
+        await b.close()
+        return out
+
+    out = run(main())
+    assert isinstance(out[3], InferenceFailed) and "poisoned" in str(out[3])
+    assert [o for i, o in enumerate(out) if i != 3] == [f"done:{i}" for i in range(8) if i != 3]
+
+
+def test_out_of_memory_retries_smaller_batches():
+    rec = Recorder(oom_above=2)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=20)
+        out = await asyncio.gather(*(b.submit(i) for i in range(8)))
+        await b.close()
+        return out, b.stats
+
+    out, stats = run(main())
+    assert out == [f"done:{i}" for i in range(8)]
+    assert stats.splits >= 3 and max(stats.sizes) == 2
+
+
+def test_full_queue_answers_overloaded_at_once():
+    rec = Recorder(delay_s=0.2)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=1, max_wait_ms=0, max_queue=2)
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(6)]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.close()
+        return out
+
+    out = run(main())
+    overloaded = [o for o in out if isinstance(o, Overloaded)]
+    assert overloaded and "overloaded" in str(overloaded[0])
+    assert sum(isinstance(o, str) for o in out) >= 2
+
+
+def test_items_that_waited_too_long_are_answered_before_inference():
+    rec = Recorder(delay_s=0.3)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=1, max_wait_ms=0)
+        first = asyncio.create_task(b.submit("slow"))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(b.submit("late", timeout_s=0.05))
+        out = await asyncio.gather(first, second, return_exceptions=True)
+        await b.close()
+        return out
+
+    first, second = run(main())
+    assert first == "done:slow"
+    assert isinstance(second, TimedOut)
+    assert ["late"] not in rec.batches
+
+
+def test_order_of_results_follows_the_callers():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, size=lambda x: -x, max_batch_size=5, max_wait_ms=10)
+        out = await asyncio.gather(*(b.submit(i) for i in range(20)))
+        await b.close()
+        return out
+
+    assert run(main()) == [f"done:{i}" for i in range(20)]
+
+
+def test_concurrent_turns_through_the_batcher_match_one_by_one(tiny_model):
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", max_batch_size=8, max_wait_ms=20, warmup=False))
+    waves = [speech_like(s, seed=i) for i, s in enumerate([0.5, 1.0, 2.5, 4.0, 4.5, 9.0])]
+
+    async def main():
+        results = await asyncio.gather(*(engine.analyze_wave(w) for w in waves))
+        stats = engine._batcher.stats
+        await engine.close()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    assert max(stats.sizes) > 1  # they really were batched
+    for wave, result in zip(waves, results):
+        alone = engine.model.forward([wave])[0].probs
+        assert np.abs(np.array(list(result.scores.values())) - alone).max() < 1e-5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2000])
+def test_config_rejects_bad_batch_sizes(bad):
+    from emotion.errors import ConfigError
+
+    if bad == 0:
+        assert EngineConfig(max_batch_size=0).max_batch_size == 0
+        return
+    with pytest.raises(ConfigError, match=r"max_batch_size=.*\[0, 1024\]"):
+        EngineConfig(max_batch_size=bad)
