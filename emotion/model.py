@@ -181,6 +181,8 @@ class EmotionModel:
 
 
 def _build_automodel(model: str, hub: str, device: torch.device):
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+        raise ModelUnavailable(f"no model directory at {model}")
     if Path(model).exists() and not (Path(model) / "config.yaml").is_file():
         raise ModelUnavailable(f"{model}: not a FunASR model directory (config.yaml, model.pt, tokens.txt)")
     root = logging.getLogger()

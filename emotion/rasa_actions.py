@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from typing import Any
 
 import pluggy
@@ -22,7 +21,7 @@ from sanic import response
 from emotion import metrics
 from emotion.config import EngineConfig
 from emotion.engine import EmotionEngine
-from emotion.errors import EmotionError
+from emotion.errors import ConfigError, EmotionError
 from emotion.rules import Turn, evaluate_rules, load_rules
 from emotion.sources import parse_audio_ref
 
@@ -157,13 +156,18 @@ class _ServerExtensions:
 
 
 async def _before_start(app, _loop) -> None:
-    engine = get_engine()
+    try:
+        engine = get_engine()
+    except ConfigError as exc:
+        # Settings and rules are the operator's: refuse to start rather than run with a guess.
+        log.critical("invalid emotion configuration: %s", exc.message)
+        raise RuntimeError(f"invalid emotion configuration: {exc.message}") from None
     if engine.config.fail_fast:
         try:
             await engine.start()
         except EmotionError as exc:
             log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
-            sys.exit(3)
+            raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
         metrics.MODEL_READY.set(1)
     else:
         app.add_task(_load_in_background(engine), name="emotion_load")

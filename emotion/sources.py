@@ -124,11 +124,14 @@ class AudioFetcher:
             raise ReferenceRefused("path references are disabled (set EMOTION_AUDIO_ROOT to allow a directory)")
         root_path = Path(root).resolve()
         try:
-            target = (root_path / value).resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise FetchFailed(f"no such file under the audio root: {value!r}") from None
+            target = (root_path / value).resolve()
+        except (OSError, RuntimeError, ValueError):
+            raise BadReference(f"cannot resolve path {value!r}") from None
+        # Containment first, so nothing is said about files outside the root.
         if not target.is_relative_to(root_path):
             raise ReferenceRefused(f"{value!r} is outside the audio root")
+        if not target.exists():
+            raise FetchFailed(f"no such file under the audio root: {value!r}")
         try:
             # O_NONBLOCK: a FIFO swapped in after the check must not hang the open.
             fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))

@@ -85,6 +85,8 @@ class ActionServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+            # Sanic kills a failed worker's whole process group: keep the tests out of it.
+            start_new_session=True,
         )
 
     def wait(self, ready: bool = True, timeout_s: float = 120.0) -> ActionServer:

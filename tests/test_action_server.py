@@ -1,0 +1,172 @@
+"""The real rasa-sdk action server with our actions, over HTTP, with the JSON Rasa sends."""
+
+import asyncio
+import base64
+
+import httpx
+import pytest
+from conftest import b64, encode, rasa_call, slot_events, speech_like, wav_bytes
+
+LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
+
+
+@pytest.fixture(scope="module")
+def server(models, audio_root, tmp_path_factory):
+    from conftest import ActionServer
+
+    env = {
+        "EMOTION_MODEL": str(models("angry90", angry=0.9)),
+        "EMOTION_AUDIO_ROOT": str(audio_root),
+        "EMOTION_URL_ALLOW": "127.0.0.1",
+        "_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
+    }
+    srv = ActionServer(env).wait()
+    yield srv
+    srv.stop()
+
+
+def post(server, body):
+    r = httpx.post(server.url + "/webhook", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_tagged(body, emotion="angry", confidence=0.9):
+    slots = slot_events(body)
+    assert slots["emotion"] == emotion
+    assert slots["emotion_confidence"] == pytest.approx(confidence, abs=1e-4)
+    assert set(slots["emotion_scores"]) == set(LABELS)
+    assert slots["emotion_error"] is None
+    return slots
+
+
+def test_ready_reports_model_device_and_dtype(server):
+    status = httpx.get(server.url + "/ready").json()
+    assert status["ready"] is True and status["device"] == "cpu" and status["dtype"] == "float32"
+    assert status["model"].endswith("angry90")
+
+
+def test_actions_are_registered(server):
+    names = {a["name"] for a in httpx.get(server.url + "/actions").json()}
+    assert {"action_analyze_emotion", "action_handoff_to_human"} <= names
+
+
+def test_base64_turn_is_tagged_and_escalates(server):
+    slots = assert_tagged(post(server, rasa_call("c-b64", {"audio": {"base64": b64(wav_bytes(2.0))}})))
+    assert slots["escalate"] is True
+    assert slots["escalation_reason"].startswith("angry_caller: angry 0.90")
+    assert slots["emotion_history"] == [{"emotion": "angry", "confidence": 0.9, "escalated": "angry_caller"}]
+
+
+def test_url_turn(server, http_server):
+    http_server.routes["/turn.ogg"] = (200, {"Content-Type": "audio/ogg"}, encode(speech_like(2.0, 48000), 48000, "OGG", "OPUS"))
+    assert_tagged(post(server, rasa_call("c-url", {"audio": {"url": http_server.url + "/turn.ogg"}})))
+
+
+def test_path_turn(server):
+    assert_tagged(post(server, rasa_call("c-path", {"audio": {"path": "turn.wav"}})))
+
+
+def test_telephony_mulaw_turn(server):
+    raw = encode(speech_like(2.0, 8000), 8000, "RAW", "ULAW")
+    assert_tagged(post(server, rasa_call("c-ulaw", {"audio": {"base64": b64(raw), "encoding": "mulaw", "sample_rate": 8000}})))
+
+
+def test_typed_turn_is_left_untouched(server):
+    assert post(server, rasa_call("c-text", None))["events"] == []
+
+
+def test_history_is_kept_and_bounded(server):
+    history = [{"emotion": "neutral", "confidence": 0.5, "escalated": None}] * 25
+    slots = slot_events(post(server, rasa_call("c-hist", {"audio": {"path": "turn.wav"}}, slots={"emotion_history": history})))
+    assert len(slots["emotion_history"]) == 20
+    assert slots["emotion_history"][-1]["emotion"] == "angry"
+
+
+@pytest.mark.parametrize("audio,code", [
+    ({"base64": b64(b"this is not audio")}, "decode_failed"),
+    ({"base64": "%%%not-base64%%%"}, "bad_reference"),
+    ({"base64": b64(encode(speech_like(0.01), 16000, "WAV", "PCM_16"))}, "invalid_audio"),
+    ({"path": "../../etc/passwd"}, "refused"),
+    ({"url": "http://169.254.169.254/latest/meta-data"}, "refused"),
+    ({"url": "http://127.0.0.1:9/nothing-listens-here"}, "fetch_failed"),
+    ({"nothing": 1}, "bad_reference"),
+    ("a string", "bad_reference"),
+])
+def test_bad_audio_gets_emotion_error_and_the_server_keeps_serving(server, audio, code):
+    body = post(server, rasa_call("c-bad", {"audio": audio}))
+    slots = slot_events(body)
+    assert slots["emotion_error"].startswith(f"[{code}]")
+    assert slots["emotion"] is None and slots["escalate"] is False
+    assert "Traceback" not in str(body)
+    assert_tagged(post(server, rasa_call("c-good", {"audio": {"path": "turn.wav"}})))
+
+
+def test_handoff_sends_context_pauses_and_resets(server):
+    history = [{"emotion": "angry", "confidence": 0.9, "escalated": "angry_caller"}]
+    call = rasa_call("c-hand", None, text="this is the third time I call", action="action_handoff_to_human",
+                     slots={"escalate": True, "escalation_reason": "angry_caller: angry 0.90 >= 0.70", "emotion": "angry",
+                            "emotion_confidence": 0.9, "emotion_history": history})
+    body = post(server, call)
+    custom = body["responses"][0]["custom"]["handoff"]
+    assert custom["reason"].startswith("angry_caller") and custom["emotion"] == "angry" and custom["confidence"] == 0.9
+    assert custom["emotion_history"] == history
+    assert custom["last_user_text"] == "this is the third time I call"
+    assert body["responses"][1]["response"] == "utter_handoff"
+    events = {e["event"] for e in body["events"]}
+    assert "pause" in events
+    assert slot_events(body)["escalate"] is False
+
+
+def test_concurrent_turns_are_all_answered(server):
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            calls = [rasa_call(f"c-{i}", {"audio": {"base64": b64(wav_bytes(1.0 + i % 3, seed=i))}}) for i in range(24)]
+            return await asyncio.gather(*(client.post(server.url + "/webhook", json=c) for c in calls))
+
+    for r in asyncio.run(main()):
+        assert r.status_code == 200
+        assert_tagged(r.json())
+
+
+def test_metrics_are_exposed(server):
+    text = httpx.get(server.url + "/metrics").text
+    assert 'emotion_turns_total{outcome="tagged"}' in text
+    assert 'emotion_escalations_total{rule="angry_caller"}' in text
+    assert "emotion_batch_size_bucket" in text and "emotion_stage_seconds_bucket" in text
+    assert "emotion_model_ready 1.0" in text
+
+
+def test_a_model_that_failed_to_load(start_action_server, tmp_path):
+    srv = start_action_server({"EMOTION_MODEL": str(tmp_path / "no-model-here")})
+    ready = httpx.get(srv.url + "/ready")
+    assert ready.status_code == 503 and "no model directory" in ready.json()["error"]
+    assert httpx.get(srv.url + "/health").status_code == 200
+    slots = slot_events(post(srv, rasa_call("c-1", {"audio": {"base64": b64(wav_bytes(1.0))}})))
+    assert slots["emotion_error"].startswith("[model_unavailable]") and slots["escalate"] is False
+
+
+def test_fail_fast_stops_the_server(tmp_path):
+    proc = run_server_to_exit({"EMOTION_MODEL": str(tmp_path / "missing"), "EMOTION_FAIL_FAST": "true"})
+    assert proc.returncode != 0
+    assert "EMOTION_FAIL_FAST: no model directory at" in proc.stdout + proc.stderr
+
+
+def test_bad_rules_file_is_refused_at_startup(tmp_path, tiny_model):
+    rules = tmp_path / "rules.yml"
+    rules.write_text("rules:\n  - name: a\n    emotions: [furious]\n")
+    proc = run_server_to_exit({"EMOTION_MODEL": str(tiny_model), "EMOTION_RULES": str(rules)})
+    assert proc.returncode != 0
+    assert "rules.yml, line 2: rule 'a': unknown emotion(s) ['furious']" in proc.stdout + proc.stderr
+
+
+def run_server_to_exit(env):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    return subprocess.run([sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(free_port())],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True,
+                          timeout=120, start_new_session=True)

@@ -1,0 +1,128 @@
+"""End to end with the real Rasa Open Source 3.6 server running the example bot.
+
+Rasa lives in its own virtual environment (scripts/install-rasa-oss.sh; RASA_VENV
+overrides where): it is the client our action server must satisfy.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, b64, encode, free_port, speech_like, wav_bytes
+
+RASA_VENV = Path(os.environ.get("RASA_VENV", ROOT / ".rasa-venv"))
+BOT = ROOT / "examples" / "bot"
+
+
+def rasa_bin() -> Path:
+    path = RASA_VENV / "bin" / "rasa"
+    if not path.exists():
+        pytest.fail(f"Rasa Open Source is not installed at {RASA_VENV}: run scripts/install-rasa-oss.sh {RASA_VENV}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bot(tmp_path_factory):
+    """The example bot, trained once, served by Rasa with its action endpoint on a free port."""
+    work = tmp_path_factory.mktemp("bot")
+    shutil.copytree(BOT, work / "bot", symlinks=False)
+    action_port = free_port()
+    (work / "bot" / "endpoints.yml").write_text(f'action_endpoint:\n  url: "http://127.0.0.1:{action_port}/webhook"\n')
+    env = {**os.environ, "RASA_TELEMETRY_ENABLED": "false"}
+    subprocess.run([str(rasa_bin()), "train", "--domain", "domain", "--out", "models", "--fixed-model-name", "bot"],
+                   cwd=work / "bot", env=env, check=True, capture_output=True, timeout=600)
+    port = free_port()
+    log = open(work / "rasa.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(rasa_bin()), "run", "--enable-api", "-m", "models/bot.tar.gz", "--port", str(port), "-i", "127.0.0.1"],
+        cwd=work / "bot", env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, f"Rasa exited; see {log.name}"
+        try:
+            if httpx.get(url + "/status", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"Rasa did not start; see {log.name}"
+        time.sleep(0.5)
+    yield {"url": url, "action_port": action_port}
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def say(bot, sender, text, audio=None):
+    body = {"sender": sender, "message": text}
+    if audio is not None:
+        body["metadata"] = {"audio": audio}
+    r = httpx.post(bot["url"] + "/webhooks/rest/webhook", json=body, timeout=60)
+    assert r.status_code == 200
+    return r.json()
+
+
+def tracker(bot, sender):
+    return httpx.get(f"{bot['url']}/conversations/{sender}/tracker", timeout=10).json()
+
+
+def actions_run(t):
+    return [e["name"] for e in t["events"] if e["event"] == "action"]
+
+
+@pytest.fixture
+def action_server(start_action_server, bot):
+    def start(model_dir):
+        return start_action_server(
+            {"EMOTION_MODEL": str(model_dir), "EMOTION_RULES": str(BOT / "emotion_rules.yml")}, port=bot["action_port"]
+        )
+
+    return start
+
+
+def test_angry_caller_at_0_9_is_handed_off_whatever_the_intent(bot, action_server, models):
+    action_server(models("angry90", angry=0.9))
+    replies = say(bot, "caller-angry", "I want a refund", {"base64": b64(wav_bytes(2.0))})
+    handoff = next(r["custom"]["handoff"] for r in replies if "custom" in r)
+    assert handoff["emotion"] == "angry" and handoff["confidence"] == pytest.approx(0.9)
+    assert handoff["reason"].startswith("angry_caller")
+    assert handoff["last_user_text"] == "I want a refund"
+    assert any("connecting you with a colleague" in r.get("text", "") for r in replies)
+    assert not any("refund" in r.get("text", "") for r in replies)  # the intent's own reply lost
+    t = tracker(bot, "caller-angry")
+    assert t["paused"] is True
+    assert "action_handoff_to_human" in actions_run(t)
+    assert t["slots"]["escalate"] is False and t["slots"]["emotion"] == "angry"
+
+    # Telephony audio from a phone gateway: 8 kHz mu-law, headerless.
+    raw = encode(speech_like(2.0, 8000), 8000, "RAW", "ULAW")
+    replies = say(bot, "caller-phone", "this is terrible service", {"base64": b64(raw), "encoding": "mulaw", "sample_rate": 8000})
+    assert any("custom" in r for r in replies)
+    assert tracker(bot, "caller-phone")["paused"] is True
+
+    # A typed turn: no audio, no tag, the bot's ordinary reply.
+    replies = say(bot, "caller-typed", "I want to complain")
+    assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]
+    t = tracker(bot, "caller-typed")
+    assert t["paused"] is False and t["slots"]["emotion"] is None
+
+    # Bad audio: the bot carries on, the turn says why.
+    replies = say(bot, "caller-bad", "I want a refund", {"base64": b64(b"not audio")})
+    assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
+    t = tracker(bot, "caller-bad")
+    assert t["slots"]["emotion_error"].startswith("[decode_failed]") and t["paused"] is False
+
+
+def test_angry_caller_at_0_6_is_not_handed_off(bot, action_server, models):
+    action_server(models("angry60", angry=0.6))
+    replies = say(bot, "caller-mild", "I want to complain", {"base64": b64(wav_bytes(2.0))})
+    assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]
+    t = tracker(bot, "caller-mild")
+    assert t["paused"] is False and "action_handoff_to_human" not in actions_run(t)
+    assert t["slots"]["emotion"] == "angry" and t["slots"]["emotion_confidence"] == pytest.approx(0.6)
+    assert t["slots"]["escalate"] is False
