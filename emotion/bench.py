@@ -1,0 +1,247 @@
+"""``python -m emotion bench``: FunASR's one-clip-per-call generate() against our batched engine,
+in one process and one run, plus the end-to-end path through the real action server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from emotion.audio import SAMPLE_RATE_HZ
+from emotion.engine import EmotionEngine
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from emotion.cli import config_from_args
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if not model_dir:
+            from emotion.checkpoint import write_checkpoint
+
+            model_dir = str(write_checkpoint(Path(tmp) / args.size, size=args.size))
+        config = config_from_args(args, model=model_dir)
+        engine = EmotionEngine(config).load()
+        model = engine.model
+        clips = _clips(args)
+        report = {
+            "model": args.model or f"random-weight {args.size} checkpoint (real architecture, no accuracy)",
+            "parameters_m": round(sum(p.numel() for p in model.net.parameters()) / 1e6, 1),
+            "device": _device_name(model.device),
+            "dtype": model.dtype_name,
+            "torch_threads": _torch_threads(),
+            "clips": len(clips),
+            "clip_seconds": [round(min(map(len, clips)) / SAMPLE_RATE_HZ, 2), round(max(map(len, clips)) / SAMPLE_RATE_HZ, 2)],
+            "max_batch_size": engine.max_batch_size,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        report["funasr_generate_baseline"] = _baseline(model, clips[: args.baseline_clips])
+        report["engine"] = {str(c): asyncio.run(_engine_level(engine, clips, c)) for c in args.concurrency}
+        best = max(level["clips_per_s"] for level in report["engine"].values())
+        report["speedup_over_baseline"] = round(best / report["funasr_generate_baseline"]["clips_per_s"], 2)
+        if args.compare_fp32 and model.dtype_name != "float32":
+            report["reduced_precision_vs_fp32"] = _compare_fp32(engine, model_dir, clips[:64])
+        if args.server_turns:
+            report["action_server"] = _server(model_dir, config, args)
+        report["peak_memory_mb"] = _peak_memory(model.device)
+        asyncio.run(engine.close())
+        return report
+
+
+def _clips(args: argparse.Namespace) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    if args.fixed_seconds:
+        lengths = [args.fixed_seconds] * args.clips
+    else:
+        lengths = rng.uniform(args.seconds[0], args.seconds[1], args.clips)
+    return [(rng.standard_normal(int(s * SAMPLE_RATE_HZ)) * 0.1).astype(np.float32) for s in lengths]
+
+
+def _stats(latencies_s: list[float], clips: list[np.ndarray], elapsed_s: float) -> dict:
+    lat = np.array(latencies_s) * 1000
+    audio_s = sum(len(c) for c in clips) / SAMPLE_RATE_HZ
+    return {
+        "clips_per_s": round(len(clips) / elapsed_s, 2),
+        "audio_seconds_per_s": round(audio_s / elapsed_s, 1),
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1), "p95": round(float(np.percentile(lat, 95)), 1),
+                       "p99": round(float(np.percentile(lat, 99)), 1)},
+    }
+
+
+def _baseline(model, clips: list[np.ndarray]) -> dict:
+    """What a naive integration does: FunASR's AutoModel.generate(), one clip per call."""
+    model.funasr.generate(input=clips[0], disable_pbar=True)  # warm
+    latencies = []
+    started = time.perf_counter()
+    for clip in clips:
+        t = time.perf_counter()
+        model.funasr.generate(input=clip, granularity="utterance", extract_embedding=False, disable_pbar=True)
+        _sync(model.device)
+        latencies.append(time.perf_counter() - t)
+    out = _stats(latencies, clips, time.perf_counter() - started)
+    out["dtype"] = "float32"  # generate() runs the weights as loaded
+    return out
+
+
+async def _engine_level(engine: EmotionEngine, clips: list[np.ndarray], concurrency: int) -> dict:
+    """``concurrency`` conversations, each sending its next turn as soon as the last is tagged."""
+    engine._batcher = None  # fresh batch statistics per level
+    await engine.start()
+    queue = list(range(len(clips)))
+    latencies: list[float] = []
+
+    async def caller():
+        while queue:
+            clip = clips[queue.pop()]
+            t = time.perf_counter()
+            await engine.analyze_wave(clip)
+            latencies.append(time.perf_counter() - t)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    out = _stats(latencies, clips, time.perf_counter() - started)
+    stats = engine._batcher.stats
+    out["batches"] = stats.batches
+    out["mean_batch_size"] = round(stats.items / max(stats.batches, 1), 1)
+    out["batch_sizes_seen"] = dict(sorted(stats.sizes.items()))
+    await engine._batcher.close()
+    engine._batcher = None
+    return out
+
+
+def _compare_fp32(engine: EmotionEngine, model_dir: str, clips: list[np.ndarray]) -> dict:
+    from emotion.model import EmotionModel
+
+    reference = EmotionModel(model_dir, hub=engine.config.hub, device=str(engine.model.device), dtype="float32")
+    low = np.stack([o.probs for o in engine.model.forward(clips)])
+    high = np.stack([o.probs for o in reference.forward(clips)])
+    return {
+        "clips": len(clips),
+        "argmax_agreement": round(float((low.argmax(1) == high.argmax(1)).mean()), 4),
+        "max_abs_score_diff": round(float(np.abs(low - high).max()), 5),
+    }
+
+
+def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
+    """Turns over HTTP through the real rasa-sdk server: fetch + decode + inference + slots."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "EMOTION_MODEL": model_dir, "EMOTION_DEVICE": config.device, "EMOTION_DTYPE": config.dtype,
+           "SANIC_HOST": "127.0.0.1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    if config.max_batch_size:
+        env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
+    proc = subprocess.Popen([sys.executable, "-m", "rasa_sdk", "--actions", "emotion.rasa_actions", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return {"error": "action server did not start"}
+            time.sleep(0.3)
+        return asyncio.run(_server_load(url, args))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def _server_load(url: str, args: argparse.Namespace) -> dict:
+    import httpx
+    import soundfile as sf
+
+    rng = np.random.default_rng(1)
+    bodies = []
+    for i in range(args.server_turns):
+        seconds = args.fixed_seconds or rng.uniform(*args.seconds)
+        buf = io.BytesIO()
+        sf.write(buf, (rng.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+        audio = {"base64": base64.b64encode(buf.getvalue()).decode()}
+        bodies.append({"next_action": "action_analyze_emotion", "sender_id": f"bench-{i}", "version": "3.6.21",
+                       "tracker": {"sender_id": f"bench-{i}", "slots": {}, "events": [], "paused": False,
+                                   "latest_message": {"text": "", "metadata": {"audio": audio}}},
+                       "domain": {}})
+    latencies, health, statuses = [], [], []
+    done = asyncio.Event()
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=args.server_concurrency + 4)) as client:
+        async def caller():
+            while bodies:
+                body = bodies.pop()
+                t = time.perf_counter()
+                r = await client.post(url + "/webhook", json=body)
+                latencies.append(time.perf_counter() - t)
+                statuses.append(r.status_code)
+
+        async def probe():
+            await asyncio.sleep(0.2)
+            while not done.is_set():
+                t = time.perf_counter()
+                await client.get(url + "/health")
+                health.append((time.perf_counter() - t) * 1000)
+                await asyncio.sleep(0.05)
+
+        prober = asyncio.create_task(probe())
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(args.server_concurrency)))
+        elapsed = time.perf_counter() - started
+        done.set()
+        await prober
+    lat = np.array(latencies) * 1000
+    return {
+        "turns": len(latencies),
+        "concurrency": args.server_concurrency,
+        "non_200": sum(s != 200 for s in statuses),
+        "turns_per_s": round(len(latencies) / elapsed, 2),
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1), "p95": round(float(np.percentile(lat, 95)), 1)},
+        "health_ms_while_busy": {"probes": len(health), "p50": round(float(np.median(health)), 1) if health else None,
+                                 "max": round(max(health), 1) if health else None},
+    }
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _peak_memory(device) -> dict:
+    out = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        import torch
+
+        out["gpu_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates .venv with the project installed (editable). With --test, also the test tools and
+# the real Rasa server (.rasa-venv) for the end-to-end tests.
+#
+# torch: TORCH_SPEC picks the build. Without it, a machine with an NVIDIA driver gets pip's
+# default (CUDA) torch, and one without gets torch==2.13.0 (on CI, a CPU build on local disk;
+# elsewhere add --index-url https://download.pytorch.org/whl/cpu for a CPU-only build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    if [ -n "${TORCH_SPEC:-}" ]; then
+        # shellcheck disable=SC2086
+        "${pip[@]}" $TORCH_SPEC
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        "${pip[@]}" torch
+    else
+        "${pip[@]}" torch==2.13.0
+    fi
+fi
+if [ "${1:-}" = "--test" ]; then
+    "${pip[@]}" -e '.[test]'
+    [ -x .rasa-venv/bin/rasa ] || scripts/install-rasa-oss.sh .rasa-venv
+else
+    "${pip[@]}" -e '.[plot]'
+fi
