@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import soundfile as sf
@@ -62,4 +63,6 @@ def decode_audio(
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    # libsndfile names the in-memory file object; the caller knows which turn it was.
+    text = re.sub(r"^Error opening <[^>]*>: ", "", text.splitlines()[0])
+    return text[:200]

@@ -98,18 +98,21 @@ class MicroBatcher:
         while True:
             first = await self._queue.get()
             group = [first]
+            cost = first.size
             # The wait is counted from the oldest item's arrival: items that queued while the
             # previous batch ran have waited already and go at once.
             close_at = first.enqueued + self.max_wait_s
-            while len(group) < self.max_batch_size:
+            while len(group) < self.max_batch_size and cost < self.max_batch_cost:
                 if not self._queue.empty():
                     group.append(self._queue.get_nowait())
+                    cost += group[-1].size
                     continue
                 remaining = close_at - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
                     group.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    cost += group[-1].size
                 except TimeoutError:
                     break
             for batch in self._buckets(group):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import platform
@@ -24,6 +25,12 @@ from emotion.engine import EmotionEngine
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    # Stdout is the report: what FunASR and torchaudio print goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run_bench(args)
+
+
+def _run_bench(args: argparse.Namespace) -> dict:
     from emotion.cli import config_from_args
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,8 +152,9 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
            "SANIC_HOST": "127.0.0.1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
     if config.max_batch_size:
         env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "rasa_sdk", "--actions", "emotion.rasa_actions", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -157,12 +165,14 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                return {"error": "action server did not start"}
+                log.seek(0)
+                return {"error": "action server did not start", "log_tail": log.read()[-1500:]}
             time.sleep(0.3)
         return asyncio.run(_server_load(url, args))
     finally:
         proc.terminate()
         proc.wait(30)
+        log.close()
 
 
 async def _server_load(url: str, args: argparse.Namespace) -> dict:

@@ -26,6 +26,7 @@ class EngineConfig:
     hub: str = "ms"
     device: str = "auto"
     dtype: str = "auto"
+    compile: str = "auto"
     # 0 picks per device: the benchmark shows padded batches pay off on a GPU only.
     max_batch_size: int = 0
     max_wait_ms: float = 5.0
@@ -53,6 +54,7 @@ class EngineConfig:
         object.__setattr__(self, "model", MODEL_ALIASES.get(self.model, self.model))
         _check_choice("hub", self.hub, ("ms", "hf", "modelscope", "huggingface"))
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("compile", self.compile, ("auto", "on", "off"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
         _check_range("max_batch_size", self.max_batch_size, 0, 1024)

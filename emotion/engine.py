@@ -89,7 +89,9 @@ class EmotionEngine:
         from emotion.model import EmotionModel
 
         try:
-            self.model = EmotionModel(self.config.model, hub=self.config.hub, device=self.config.device, dtype=self.config.dtype)
+            self.model = EmotionModel(
+                self.config.model, hub=self.config.hub, device=self.config.device, dtype=self.config.dtype, compile=self.config.compile
+            )
         except ModelUnavailable as exc:
             self.error = exc.message
             raise

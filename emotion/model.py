@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class EmotionModel:
     """One emotion2vec checkpoint, resident on one device, answering padded batches."""
 
-    def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto") -> None:
         self.name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -80,6 +81,12 @@ class EmotionModel:
         self._frame_keep: torch.Tensor | None = None
         _check_checkpoint(self.net, auto.kwargs.get("init_param"), model)
         self._install_padding_hooks()
+        self.compiled = compile == "on" or (compile == "auto" and self.device.type == "cuda")
+        if self.compiled:
+            # The conv front end is memory-bound: eager runs it as dozens of transposes, casts
+            # and layer norms over (batch x 512 x frames) tensors; Inductor fuses them.
+            encoder = self.net.modality_encoders["AUDIO"]
+            encoder.local_encoder = torch.compile(encoder.local_encoder, dynamic=True)
 
     @property
     def dtype_name(self) -> str:
@@ -189,19 +196,22 @@ def _build_automodel(model: str, hub: str, device: torch.device):
     handlers, level = list(root.handlers), root.level
     root.setLevel(max(level, logging.WARNING))  # FunASR's INFO chatter while it loads
     try:
-        from funasr import AutoModel  # configures the root logger on import
+        # FunASR prints a banner on import and configures the root logger; stdout is the
+        # CLI's JSON, so its prints go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            from funasr import AutoModel
 
-        # disable_update: FunASR otherwise asks PyPI for a newer release at every start.
-        # ncpu: FunASR otherwise resets torch's global thread count.
-        return AutoModel(
-            model=model,
-            hub=hub,
-            device=str(device),
-            disable_update=True,
-            ncpu=torch.get_num_threads(),
-            log_level="ERROR",
-            disable_pbar=True,
-        )
+            # disable_update: FunASR otherwise asks PyPI for a newer release at every start.
+            # ncpu: FunASR otherwise resets torch's global thread count.
+            return AutoModel(
+                model=model,
+                hub=hub,
+                device=str(device),
+                disable_update=True,
+                ncpu=torch.get_num_threads(),
+                log_level="ERROR",
+                disable_pbar=True,
+            )
     except ModelUnavailable:
         raise
     except Exception as exc:

@@ -1,0 +1,43 @@
+"""Where a padded batch spends its GPU time: torch profiler over one batch of the engine.
+
+    python bench/profile_batch.py --size large --batch 64 --seconds 5 [--cudnn-benchmark]
+"""
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from emotion.checkpoint import write_checkpoint
+from emotion.model import EmotionModel
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--size", default="large")
+parser.add_argument("--batch", type=int, default=64)
+parser.add_argument("--seconds", type=float, default=5.0)
+parser.add_argument("--dtype", default="auto")
+parser.add_argument("--cudnn-benchmark", action="store_true")
+parser.add_argument("--compile", default="auto")
+parser.add_argument("--rows", type=int, default=25)
+args = parser.parse_args()
+torch.backends.cudnn.benchmark = args.cudnn_benchmark
+
+with tempfile.TemporaryDirectory() as tmp:
+    model = EmotionModel(str(write_checkpoint(tmp, size=args.size)), dtype=args.dtype, compile=args.compile)
+rng = np.random.default_rng(0)
+waves = [(rng.standard_normal(int(args.seconds * 16000)) * 0.1).astype(np.float32) for _ in range(args.batch)]
+for _ in range(3):
+    model.forward(waves)
+torch.cuda.synchronize()
+started = time.perf_counter()
+for _ in range(5):
+    model.forward(waves)
+torch.cuda.synchronize()
+per_batch = (time.perf_counter() - started) / 5
+print(f"{model.dtype_name} batch {args.batch} x {args.seconds} s: {per_batch * 1000:.1f} ms/batch, {args.batch / per_batch:.0f} clips/s")
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    model.forward(waves)
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
