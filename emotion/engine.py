@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import time
@@ -81,6 +82,7 @@ class EmotionEngine:
         self._decoder = concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="emotion-decode")
         self._loading: asyncio.Future | None = None
         self.on_batch = None  # metrics hook: (batch_size, seconds)
+        self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -181,7 +183,8 @@ class EmotionEngine:
     async def analyze_bytes(self, data: bytes, *, encoding: str | None = None, sample_rate_hz: int | None = None,
                             granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
         started = time.perf_counter()
-        wave = await self.decode(data, encoding=encoding, sample_rate_hz=sample_rate_hz)
+        with self._span("emotion.decode", bytes=len(data)):
+            wave = await self.decode(data, encoding=encoding, sample_rate_hz=sample_rate_hz)
         decoded = time.perf_counter()
         result = await self.analyze_wave(wave, granularity=granularity, embeddings=embeddings)
         result.timings_ms["decode"] = (decoded - started) * 1000
@@ -210,10 +213,11 @@ class EmotionEngine:
         started = time.perf_counter()
         batcher = self._ensure_batcher()
         timeout = self.config.turn_timeout_s
-        try:
-            outputs = await asyncio.wait_for(asyncio.gather(*(batcher.submit(c, timeout_s=timeout) for c in clips)), timeout)
-        except TimeoutError:
-            raise TimedOut(f"inference took longer than {timeout:g} s") from None
+        with self._span("emotion.inference", clips=len(clips), audio_seconds=round(len(wave) / SAMPLE_RATE_HZ, 3)):
+            try:
+                outputs = await asyncio.wait_for(asyncio.gather(*(batcher.submit(c, timeout_s=timeout) for c in clips)), timeout)
+            except TimeoutError:
+                raise TimedOut(f"inference took longer than {timeout:g} s") from None
         result = self._assemble(wave, granularity, spans, outputs, embeddings)
         result.timings_ms["inference"] = (time.perf_counter() - started) * 1000
         return result
@@ -236,6 +240,11 @@ class EmotionEngine:
             results.append(self._assemble(wave, granularity, spans, outputs[pos : pos + len(plan_clips)], embeddings))
             pos += len(plan_clips)
         return results
+
+    def _span(self, name: str, **attributes):
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.start_as_current_span(name, attributes=attributes)
 
     def _plan(self, wave: np.ndarray, granularity: str, embeddings: bool) -> tuple[list[_Clip], list[tuple[int, int]]]:
         if granularity not in GRANULARITIES:

@@ -162,6 +162,10 @@ async def _before_start(app, _loop) -> None:
         # Settings and rules are the operator's: refuse to start rather than run with a guess.
         log.critical("invalid emotion configuration: %s", exc.message)
         raise RuntimeError(f"invalid emotion configuration: {exc.message}") from None
+    # rasa-sdk builds its tracer provider from endpoints.yml in an earlier listener.
+    provider = getattr(app.ctx, "tracer_provider", None)
+    if provider is not None:
+        engine.tracer = provider.get_tracer("emotion")
     if engine.config.fail_fast:
         try:
             await engine.start()

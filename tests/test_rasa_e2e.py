@@ -126,3 +126,16 @@ def test_angry_caller_at_0_6_is_not_handed_off(bot, action_server, models):
     assert t["paused"] is False and "action_handoff_to_human" not in actions_run(t)
     assert t["slots"]["emotion"] == "angry" and t["slots"]["emotion_confidence"] == pytest.approx(0.6)
     assert t["slots"]["escalate"] is False
+
+
+def test_voice_client_sends_a_turn(bot, action_server, models, tmp_path):
+    action_server(models("angry90", angry=0.9))
+    audio = tmp_path / "turn.wav"
+    audio.write_bytes(wav_bytes(2.0))
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "emotion", "send-turn", "--rasa", bot["url"], "--sender", "caller-client",
+                           "--text", "where is my order", "--mulaw", str(audio)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "bot (custom): {\"handoff\"" in proc.stdout
+    assert '"emotion": "angry"' in proc.stdout and "conversation paused" in proc.stdout

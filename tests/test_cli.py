@@ -1,0 +1,87 @@
+"""``python -m emotion``: analyze (text, JSON, plots), make-checkpoint, and a small benchmark run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, encode, speech_like
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "emotion", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    (d / "a.wav").write_bytes(encode(speech_like(2.0), 16000, "WAV", "PCM_16"))
+    (d / "b.flac").write_bytes(encode(speech_like(3.5, 44100, seed=1), 44100, "FLAC"))
+    (d / "c.mp3").write_bytes(encode(speech_like(1.2, 24000, seed=2), 24000, "MP3", "MPEG_LAYER_III"))
+    (d / "bad.wav").write_bytes(b"RIFF not really")
+    (d / "phone.ulaw").write_bytes(encode(speech_like(2.0, 8000), 8000, "RAW", "ULAW"))
+    return d
+
+
+def test_analyze_json_one_line_per_input_and_nonzero_exit_on_failure(files, models):
+    model = models("angry90", angry=0.9)
+    proc = cli("analyze", files / "a.wav", files / "bad.wav", files / "b.flac", files / "c.mp3", files / "missing.wav",
+               "--model", model, "--json")
+    assert proc.returncode == 1
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(files / n) for n in ("a.wav", "bad.wav", "b.flac", "c.mp3", "missing.wav")]
+    for good in (lines[0], lines[2], lines[3]):
+        assert good["emotion"] == "angry" and good["confidence"] == pytest.approx(0.9, abs=1e-5)
+        assert set(good["scores"]) == {"angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"}
+    assert lines[1]["error"]["code"] == "decode_failed"
+    assert lines[4]["error"]["code"] == "fetch_failed"
+
+
+def test_analyze_text_output_and_success_exit(files, models):
+    proc = cli("analyze", files / "a.wav", "--model", models("angry90", angry=0.9))
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(f"{files / 'a.wav'}: angry 0.90")
+
+
+def test_analyze_headerless_telephony(files, models):
+    proc = cli("analyze", files / "phone.ulaw", "--encoding", "mulaw", "--sample-rate", "8000", "--model", models("angry90", angry=0.9), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["duration_s"] == pytest.approx(2.0, abs=0.01)
+
+
+@pytest.mark.parametrize("granularity", ["frame", "segment"])
+def test_analyze_granularity_and_plot(files, tiny_model, tmp_path, granularity):
+    png = tmp_path / "timeline.png"
+    proc = cli("analyze", files / "b.flac", "--model", tiny_model, "--granularity", granularity, "--json", "--plot", png)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    segments = out["segments"]
+    if granularity == "frame":
+        assert len(segments) == 174 and segments[1]["start_s"] == pytest.approx(0.02)
+    else:
+        assert [(s["start_s"], s["end_s"]) for s in segments] == [(0.0, 3.0), (1.5, 3.5)]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_make_checkpoint_with_a_fixed_head(tmp_path, files):
+    assert cli("make-checkpoint", tmp_path / "m", "--head", "sad=0.8").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.yaml", "model.pt", "tokens.txt"]
+    out = json.loads(cli("analyze", files / "a.wav", "--model", tmp_path / "m", "--json").stdout)
+    assert out["emotion"] == "sad" and out["confidence"] == pytest.approx(0.8, abs=1e-5)
+
+
+def test_bad_model_is_a_clear_error(files, tmp_path):
+    proc = cli("analyze", files / "a.wav", "--model", tmp_path / "nothing")
+    assert proc.returncode == 2 and "error [model_unavailable]: no model directory at" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_small_benchmark_runs_and_reports(tmp_path):
+    proc = cli("bench", "--size", "tiny", "--device", "cpu", "--clips", "12", "--baseline-clips", "4", "--concurrency", "1", "4",
+               "--server-turns", "8", "--server-concurrency", "4", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["funasr_generate_baseline"]["clips_per_s"] > 0
+    assert set(report["engine"]) == {"1", "4"}
+    assert report["engine"]["4"]["latency_ms"]["p95"] >= report["engine"]["4"]["latency_ms"]["p50"]
+    assert report["action_server"]["non_200"] == 0 and report["action_server"]["turns"] == 8
+    assert report["action_server"]["health_ms_while_busy"]["probes"] > 0

@@ -1,0 +1,16 @@
+"""The load test (bench/load_test.py) in a small size: hostile and good turns mixed, over HTTP."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_mixed_load_through_the_action_server():
+    proc = subprocess.run([sys.executable, "bench/load_test.py", "--turns", "270", "--concurrency", "16", "--timeout-s", "300"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0, report["failures"]
+    assert report["turns"] == 270 and set(report["status_counts"]) == {"200"}
+    assert all(case["wrong"] == 0 and case["turns"] == 30 for case in report["cases"].values())
