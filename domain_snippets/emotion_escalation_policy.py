@@ -12,7 +12,7 @@ whatever the intent, for every intent the bot has now or adds later.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Text
+from typing import Any
 
 from rasa.core.policies.policy import Policy, PolicyPrediction
 from rasa.engine.recipes.default_recipe import DefaultV1Recipe
@@ -28,7 +28,7 @@ from rasa.shared.core.trackers import DialogueStateTracker
 )
 class EmotionEscalationPolicy(Policy):
     @staticmethod
-    def get_default_config() -> Dict[Text, Any]:
+    def get_default_config() -> dict[str, Any]:
         # RulePolicy has priority 4 (Rasa 3.6); ties at confidence 1.0 go to the higher.
         return {
             "priority": 6,
@@ -37,7 +37,7 @@ class EmotionEscalationPolicy(Policy):
         }
 
     def train(
-        self, training_trackers: List[TrackerWithCachedStates], domain: Domain, **kwargs: Any
+        self, training_trackers: list[TrackerWithCachedStates], domain: Domain, **kwargs: Any
     ) -> Resource:
         return self._resource
 
@@ -45,7 +45,7 @@ class EmotionEscalationPolicy(Policy):
         self,
         tracker: DialogueStateTracker,
         domain: Domain,
-        rule_only_data: Optional[Dict[Text, Any]] = None,
+        rule_only_data: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> PolicyPrediction:
         probabilities = self._default_predictions(domain)

@@ -1,7 +1,6 @@
 """The real rasa-sdk action server with our actions, over HTTP, with the JSON Rasa sends."""
 
 import asyncio
-import base64
 
 import httpx
 import pytest
