@@ -16,9 +16,7 @@ import asyncio
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
+import logging
 import sys
 import tempfile
 import threading
@@ -30,13 +28,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from emotion.bench import action_server
 
 
 def _encode(wave: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
@@ -142,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-growth-mb", type=float, default=150.0)
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -153,36 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         flac = _encode((rng.standard_normal(16000 * 2) * 0.1).astype(np.float32), 16000, "FLAC", "PCM_16")
         audio_server, audio_url = _serve_audio(flac)
         cases = _cases(audio_url)
-        port = _free_port()
-        env = {**os.environ, "EMOTION_MODEL": model, "EMOTION_URL_ALLOW": "127.0.0.1/32", "SANIC_HOST": "127.0.0.1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        log = open(Path(tmp) / "server.log", "w+")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
+        env = {"EMOTION_MODEL": model, "EMOTION_URL_ALLOW": "127.0.0.1/32"}
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    print(log.read()[-3000:], file=sys.stderr)
-                    return 2
-                time.sleep(0.3)
-            rss: dict[str, float] = {"start": _rss_mb(proc.pid)}
-            run = asyncio.run(_run(url, cases, args.turns, args.concurrency, args.timeout_s,
-                                   lambda: rss.__setitem__("after_warmup", _rss_mb(proc.pid))))
-            rss["end"] = _rss_mb(proc.pid)
-            healthy = httpx.get(url + "/health", timeout=5).status_code == 200
+            with action_server(env, timeout_s=180) as (proc, url):
+                rss: dict[str, float] = {"start": _rss_mb(proc.pid)}
+                run = asyncio.run(_run(url, cases, args.turns, args.concurrency, args.timeout_s,
+                                       lambda: rss.__setitem__("after_warmup", _rss_mb(proc.pid))))
+                rss["end"] = _rss_mb(proc.pid)
+                healthy = httpx.get(url + "/health", timeout=5).status_code == 200
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 2
         finally:
-            proc.terminate()
-            proc.wait(30)
             audio_server.shutdown()
-            log.close()
 
     failures = []
     statuses = run["statuses"]

@@ -143,21 +143,34 @@ def _compare_fp32(engine: EmotionEngine, model_dir: str, clips: list[np.ndarray]
 
 def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
     """Turns over HTTP through the real rasa-sdk server: fetch + decode + inference + slots."""
+    env = {"EMOTION_MODEL": model_dir, "EMOTION_DEVICE": config.device, "EMOTION_DTYPE": config.dtype}
+    if config.max_batch_size:
+        env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
+    try:
+        with action_server(env) as (_proc, url):
+            return asyncio.run(_server_load(url, args))
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+
+
+@contextlib.contextmanager
+def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
+    """The real rasa-sdk action server with our actions, in a child process on a free
+    loopback port; yields (process, url) once /ready answers 200."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "EMOTION_MODEL": model_dir, "EMOTION_DEVICE": config.device, "EMOTION_DTYPE": config.dtype,
-           "SANIC_HOST": "127.0.0.1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
-    if config.max_batch_size:
-        env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "rasa_sdk", "--actions", "emotion.rasa_actions", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rasa_sdk", "--actions", "emotion.rasa_actions", "--port", str(port)],
+        env={**os.environ, "SANIC_HOST": "127.0.0.1", **env}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,  # Sanic kills a failed worker's whole process group
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 if httpx.get(url + "/ready", timeout=2).status_code == 200:
@@ -166,9 +179,9 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
-                return {"error": "action server did not start", "log_tail": log.read()[-1500:]}
+                raise RuntimeError("action server did not start: " + log.read()[-1500:])
             time.sleep(0.3)
-        return asyncio.run(_server_load(url, args))
+        yield proc, url
     finally:
         proc.terminate()
         proc.wait(30)
