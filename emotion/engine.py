@@ -104,13 +104,11 @@ class EmotionEngine:
         return self
 
     async def start(self) -> None:
-        """Load in a worker thread; concurrent callers share one load."""
-        if self._loading is None:
-            self._loading = asyncio.ensure_future(asyncio.to_thread(self.load))
-        try:
+        """Load in a worker thread (unless loaded already); concurrent callers share one load."""
+        if self.model is None or not self.warm:
+            if self._loading is None:
+                self._loading = asyncio.ensure_future(asyncio.to_thread(self.load))
             await asyncio.shield(self._loading)
-        except ModelUnavailable:
-            raise
         self._ensure_batcher()
 
     async def close(self) -> None:
@@ -208,7 +206,10 @@ class EmotionEngine:
         )
 
     async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
-        await self.start()
+        try:
+            await asyncio.wait_for(self.start(), self.config.turn_timeout_s)
+        except TimeoutError:
+            raise TimedOut("the emotion model is still loading") from None
         clips, spans = self._plan(wave, granularity, embeddings)
         started = time.perf_counter()
         batcher = self._ensure_batcher()

@@ -7,7 +7,6 @@ Sanic app that ``rasa run actions`` builds in each worker.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -184,8 +183,6 @@ async def _load_in_background(engine: EmotionEngine) -> None:
     except EmotionError as exc:
         # Turns get emotion_error and /ready says why; the bot keeps talking.
         log.error("emotion model failed to load: %s", exc.message)
-    except asyncio.CancelledError:
-        raise
 
 
 async def _after_stop(app, _loop) -> None:
