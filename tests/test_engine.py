@@ -109,3 +109,34 @@ def test_inference_time_limit(tiny_model):
             await engine.close()
 
     asyncio.run(main())
+
+
+def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
+    """Fault injection on the real model wrapper: the forward pass raises CUDA's OOM error
+    for batches over two clips, and for one clip longer than 5 s."""
+    import torch
+
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=8, max_wait_ms=50))
+    engine.load()
+    real = engine.model.net.extract_features
+
+    def flaky(source, **kwargs):
+        if source.shape[0] > 2 or source.shape[1] > 5 * 16000:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(source, **kwargs)
+
+    engine.model.net.extract_features = flaky
+    waves = [speech_like(1.0 + i % 3, seed=i) for i in range(6)] + [speech_like(6.0, seed=9)]
+
+    async def main():
+        out = await asyncio.gather(*(engine.analyze_wave(w) for w in waves), return_exceptions=True)
+        stats = engine._batcher.stats
+        await engine.close()
+        return out, stats
+
+    out, stats = asyncio.run(main())
+    from emotion.errors import InferenceFailed
+
+    assert all(not isinstance(r, Exception) for r in out[:6])
+    assert isinstance(out[6], InferenceFailed) and "out of memory" in str(out[6])
+    assert stats.splits >= 1 and max(stats.sizes) <= 2
