@@ -215,7 +215,14 @@ def _build_automodel(model: str, hub: str, device: torch.device):
     except ModelUnavailable:
         raise
     except Exception as exc:
-        raise ModelUnavailable(f"could not load model {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if not Path(model).exists():
+            # FunASR reports a failed download as an unregistered model; say what to do.
+            raise ModelUnavailable(
+                f"could not download {model!r} from the {hub} hub ({reason}); on a machine without hub access, "
+                "download it elsewhere and set EMOTION_MODEL to its directory"
+            ) from exc
+        raise ModelUnavailable(f"could not load model {model!r}: {reason}") from exc
     finally:
         # FunASR calls logging.basicConfig; the host application owns the root logger.
         root.handlers[:] = handlers
