@@ -115,7 +115,8 @@ def _parse(f: dataclasses.Field, raw: str):
         if kind == "tuple[str, ...]":
             return tuple(p.strip() for p in raw.split(",") if p.strip())
     except ValueError:
-        raise ConfigError(f"{env}={raw!r}: expected a {kind}") from None
+        expected = {"bool": "true or false", "int": "a whole number", "float": "a number"}.get(kind, kind)
+        raise ConfigError(f"{env}={raw!r}: expected {expected}") from None
     return raw
 
 
