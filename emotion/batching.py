@@ -36,7 +36,7 @@ class MicroBatcher:
     """Runs ``run_batch`` on one worker thread over batches of concurrently submitted items.
 
     A batch closes when it holds ``max_batch_size`` items or when its oldest item has
-    waited ``max_wait_ms``; up to ``pipeline`` batches are in flight at once. Items are sorted by ``size`` and split so that no batch pads
+    waited ``max_wait_ms``. Items are sorted by ``size`` and split so that no batch pads
     an item to more than twice its size and no batch exceeds ``max_batch_cost`` once
     padded. If ``run_batch`` raises, the batch is halved and retried, so one bad item (or
     an out-of-memory batch) fails alone. A full queue answers ``Overloaded`` at once.
@@ -52,7 +52,6 @@ class MicroBatcher:
         max_queue: int = 512,
         max_batch_cost: float = float("inf"),
         on_batch: Callable[[int, float], None] | None = None,
-        pipeline: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._size = size
@@ -60,10 +59,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000
         self.max_batch_cost = max_batch_cost
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
-        # pipeline > 1: the next batch is collected and assembled while one runs.
-        self._worker = concurrent.futures.ThreadPoolExecutor(pipeline, thread_name_prefix="emotion-infer")
-        self._in_flight = asyncio.Semaphore(pipeline)
-        self._running: set[asyncio.Task] = set()
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emotion-infer")
         self._task: asyncio.Task | None = None
         self._on_batch = on_batch
         self.stats = BatchStats()
@@ -120,37 +116,19 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             for batch in self._buckets(group):
-                await self._in_flight.acquire()
-                # Answer items that expired while waiting for a free slot before running.
-                batch = self._live(batch)
-                if not batch:
-                    self._in_flight.release()
-                    continue
-                task = asyncio.get_running_loop().create_task(self._run_then_release(batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                await self._run(batch)
 
-    async def _run_then_release(self, batch: list[_Pending]) -> None:
-        try:
-            await self._run(batch)
-        finally:
-            self._in_flight.release()
-
-    @staticmethod
-    def _live(items: list[_Pending]) -> list[_Pending]:
+    def _buckets(self, group: list[_Pending]) -> list[list[_Pending]]:
         now = time.monotonic()
         live = []
-        for p in items:
+        for p in group:
             if p.future.done():
                 continue
             if now > p.deadline:
                 p.future.set_exception(TimedOut("the clip waited too long for inference"))
             else:
                 live.append(p)
-        return live
-
-    def _buckets(self, group: list[_Pending]) -> list[list[_Pending]]:
-        live = sorted(self._live(group), key=lambda p: p.size, reverse=True)
+        live.sort(key=lambda p: p.size, reverse=True)
         batches: list[list[_Pending]] = []
         for p in live:
             current = batches[-1] if batches else None

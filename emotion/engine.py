@@ -155,9 +155,6 @@ class EmotionEngine:
                 max_queue=self.config.max_queue,
                 max_batch_cost=self.config.max_batch_audio_seconds * SAMPLE_RATE_HZ,
                 on_batch=lambda n, s: self.on_batch and self.on_batch(n, s),
-                # On a GPU, assembling the next batch on the host overlaps the running one;
-                # on a CPU both would fight for the same cores.
-                pipeline=2 if self.model.device.type == "cuda" else 1,
             )
         return self._batcher
 

@@ -119,22 +119,10 @@ class EmotionModel:
                 module.register_forward_pre_hook(zero_padded)
 
     def forward(self, waves: list[np.ndarray], *, frames: bool = False, embeddings: bool = False) -> list[ClipOutput]:
-        """Score clips of any lengths (16 kHz mono float32) in one padded forward pass.
-
-        Thread-safe. Host-side batch assembly runs outside the model lock, so a second
-        caller thread prepares its batch while the GPU runs the first.
-        """
-        lengths = torch.tensor([len(w) for w in waves])
-        batch = torch.zeros(len(waves), int(lengths.max()), pin_memory=self.device.type == "cuda")
-        for i, wave in enumerate(waves):
-            clip = torch.from_numpy(wave)
-            if self.net.cfg.normalize:
-                clip = F.layer_norm(clip, clip.shape)  # per clip, before padding, as FunASR does
-            batch[i, : len(wave)] = clip
-        pad = torch.arange(batch.shape[1]) >= lengths[:, None]
+        """Score clips of any lengths (16 kHz mono float32) in one padded forward pass."""
         with self._lock:
             try:
-                return self._forward(batch, pad if bool(pad.any()) else None, frames, embeddings)
+                return self._forward(waves, frames, embeddings)
             except torch.cuda.OutOfMemoryError as exc:
                 raise InferenceFailed(f"GPU out of memory on a batch of {len(waves)} clips") from exc
             except RuntimeError as exc:
@@ -144,9 +132,17 @@ class EmotionModel:
                 self._trim_alibi_cache()
 
     @torch.inference_mode()
-    def _forward(self, batch: torch.Tensor, pad: torch.Tensor | None, frames: bool, embeddings: bool) -> list[ClipOutput]:
+    def _forward(self, waves, frames, embeddings) -> list[ClipOutput]:
+        lengths = torch.tensor([len(w) for w in waves])
+        batch = torch.zeros(len(waves), int(lengths.max()), pin_memory=self.device.type == "cuda")
+        for i, wave in enumerate(waves):
+            clip = torch.from_numpy(wave)
+            if self.net.cfg.normalize:
+                clip = F.layer_norm(clip, clip.shape)  # per clip, before padding, as FunASR does
+            batch[i, : len(wave)] = clip
         source = batch.to(self.device, non_blocking=True)
-        self._sample_pad = None if pad is None else pad.to(self.device, non_blocking=True)
+        pad = torch.arange(source.shape[1]) >= lengths[:, None]
+        self._sample_pad = pad.to(self.device) if bool(pad.any()) else None
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype)
             if self.dtype != torch.float32

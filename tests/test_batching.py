@@ -191,19 +191,3 @@ def test_config_rejects_bad_batch_sizes(bad):
         return
     with pytest.raises(ConfigError, match=r"max_batch_size=.*\[0, 1024\]"):
         EngineConfig(max_batch_size=bad)
-
-
-def test_pipeline_keeps_two_batches_in_flight():
-    rec = Recorder(delay_s=0.2)
-
-    async def main():
-        b = MicroBatcher(rec, max_batch_size=2, max_wait_ms=0, pipeline=2)
-        started = time.monotonic()
-        out = await asyncio.gather(*(b.submit(i) for i in range(4)))
-        elapsed = time.monotonic() - started
-        await b.close()
-        return out, elapsed
-
-    out, elapsed = run(main())
-    assert out == [f"done:{i}" for i in range(4)]
-    assert len(rec.threads) == 2 and elapsed < 0.35  # two batches of 0.2 s side by side, not 0.4 s
