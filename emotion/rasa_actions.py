@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 ANALYZE_ACTION = "action_analyze_emotion"
 HANDOFF_ACTION = "action_handoff_to_human"
-SLOTS = ("emotion", "emotion_confidence", "emotion_scores", "emotion_history", "escalate", "escalation_reason", "emotion_error")
 
 # One engine per process: rasa-sdk pickles action instances into every Sanic worker, so
 # the model must not live on them.
