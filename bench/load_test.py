@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from emotion.bench import action_server
+from emotion.bench import action_server, webhook_call
 
 
 def _encode(wave: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
@@ -107,10 +107,7 @@ async def _run(url: str, cases, turns: int, concurrency: int, timeout_s: float, 
                 if time.monotonic() > deadline:
                     return
                 name, audio, _ = cases[i % len(cases)]
-                body = {"next_action": "action_analyze_emotion", "sender_id": f"load-{i}", "version": "3.6.21",
-                        "tracker": {"sender_id": f"load-{i}", "slots": {}, "events": [], "paused": False,
-                                    "latest_message": {"text": "hello", "metadata": {"audio": audio}}},
-                        "domain": {}}
+                body = webhook_call(f"load-{i}", audio, "hello")
                 t = time.perf_counter()
                 r = await client.post(url + "/webhook", json=body)
                 latencies.append(time.perf_counter() - t)

@@ -153,6 +153,15 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
         return {"error": str(exc)}
 
 
+def webhook_call(sender: str, audio: dict, text: str = "") -> dict:
+    """The smallest /webhook body Rasa would send for a user turn carrying ``audio``."""
+    return {
+        "next_action": "action_analyze_emotion", "sender_id": sender, "version": "3.6.21", "domain": {},
+        "tracker": {"sender_id": sender, "slots": {}, "events": [], "paused": False,
+                    "latest_message": {"text": text, "metadata": {"audio": audio}}},
+    }
+
+
 @contextlib.contextmanager
 def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
     """The real rasa-sdk action server with our actions, in a child process on a free
@@ -199,10 +208,7 @@ async def _server_load(url: str, args: argparse.Namespace) -> dict:
         buf = io.BytesIO()
         sf.write(buf, (rng.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
         audio = {"base64": base64.b64encode(buf.getvalue()).decode()}
-        bodies.append({"next_action": "action_analyze_emotion", "sender_id": f"bench-{i}", "version": "3.6.21",
-                       "tracker": {"sender_id": f"bench-{i}", "slots": {}, "events": [], "paused": False,
-                                   "latest_message": {"text": "", "metadata": {"audio": audio}}},
-                       "domain": {}})
+        bodies.append(webhook_call(f"bench-{i}", audio))
     latencies, health, statuses = [], [], []
     done = asyncio.Event()
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=args.server_concurrency + 4)) as client:

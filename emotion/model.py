@@ -63,7 +63,6 @@ class EmotionModel:
     """One emotion2vec checkpoint, resident on one device, answering padded batches."""
 
     def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto") -> None:
-        self.name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         auto = _build_automodel(model, hub, self.device)
@@ -81,8 +80,7 @@ class EmotionModel:
         self._frame_keep: torch.Tensor | None = None
         _check_checkpoint(self.net, auto.kwargs.get("init_param"), model)
         self._install_padding_hooks()
-        self.compiled = compile == "on" or (compile == "auto" and self.device.type == "cuda")
-        if self.compiled:
+        if compile == "on" or (compile == "auto" and self.device.type == "cuda"):
             # The conv front end is memory-bound: eager runs it as dozens of transposes, casts
             # and layer norms over (batch x 512 x frames) tensors; Inductor fuses them.
             encoder = self.net.modality_encoders["AUDIO"]

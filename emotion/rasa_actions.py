@@ -149,8 +149,7 @@ class _ServerExtensions:
         app.register_listener(_before_start, "before_server_start")
         app.register_listener(_after_stop, "after_server_stop")
         app.add_route(_ready, "/ready", methods=["GET"], name="emotion_ready")
-        if EngineConfig.from_env().metrics:
-            app.add_route(_metrics, "/metrics", methods=["GET"], name="emotion_metrics")
+        app.add_route(_metrics, "/metrics", methods=["GET"], name="emotion_metrics")
 
 
 async def _before_start(app, _loop) -> None:
@@ -195,6 +194,8 @@ async def _ready(_request):
 
 
 async def _metrics(_request):
+    if not get_engine().config.metrics:
+        return response.json({"error": "metrics are off (EMOTION_METRICS=false)"}, status=404)
     return response.raw(metrics.generate_latest(), content_type=metrics.CONTENT_TYPE_LATEST)
 
 

@@ -169,3 +169,9 @@ def run_server_to_exit(env):
     return subprocess.run([sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(free_port())],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True,
                           timeout=120, start_new_session=True)
+
+
+def test_metrics_can_be_turned_off(start_action_server, tiny_model):
+    srv = start_action_server({"EMOTION_MODEL": str(tiny_model), "EMOTION_METRICS": "false"})
+    assert httpx.get(srv.url + "/metrics").status_code == 404
+    assert httpx.get(srv.url + "/ready").status_code == 200
