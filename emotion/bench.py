@@ -32,6 +32,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def _run_bench(args: argparse.Namespace) -> dict:
     from emotion.cli import config_from_args
+    from emotion.model import EmotionModel
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -54,12 +55,14 @@ def _run_bench(args: argparse.Namespace) -> dict:
             "max_batch_size": engine.max_batch_size,
             "date": time.strftime("%Y-%m-%d"),
         }
-        report["funasr_generate_baseline"] = _baseline(model, clips[: args.baseline_clips])
+        # FunASR's own model as loaded, fp32 and uncompiled: the baseline and the reference.
+        plain = EmotionModel(model_dir, hub=config.hub, device=str(model.device), dtype="float32", compile="off")
+        report["funasr_generate_baseline"] = _baseline(plain, clips[: args.baseline_clips])
         report["engine"] = {str(c): asyncio.run(_engine_level(engine, clips, c)) for c in args.concurrency}
         best = max(level["clips_per_s"] for level in report["engine"].values())
         report["speedup_over_baseline"] = round(best / report["funasr_generate_baseline"]["clips_per_s"], 2)
         if args.compare_fp32 and model.dtype_name != "float32":
-            report["reduced_precision_vs_fp32"] = _compare_fp32(engine, model_dir, clips[:64])
+            report["reduced_precision_vs_fp32"] = _compare_fp32(model, plain, clips[:64])
         if args.server_turns:
             report["action_server"] = _server(model_dir, config, args)
         report["peak_memory_mb"] = _peak_memory(model.device)
@@ -128,11 +131,8 @@ async def _engine_level(engine: EmotionEngine, clips: list[np.ndarray], concurre
     return out
 
 
-def _compare_fp32(engine: EmotionEngine, model_dir: str, clips: list[np.ndarray]) -> dict:
-    from emotion.model import EmotionModel
-
-    reference = EmotionModel(model_dir, hub=engine.config.hub, device=str(engine.model.device), dtype="float32")
-    low = np.stack([o.probs for o in engine.model.forward(clips)])
+def _compare_fp32(model, reference, clips: list[np.ndarray]) -> dict:
+    low = np.stack([o.probs for o in model.forward(clips)])
     high = np.stack([o.probs for o in reference.forward(clips)])
     return {
         "clips": len(clips),

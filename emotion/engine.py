@@ -138,12 +138,22 @@ class EmotionEngine:
         }
 
     def _warmup(self) -> None:
-        # Typical turn lengths and the largest batch, so the first caller pays no
-        # allocator growth or kernel selection.
+        # Typical turns; on a GPU also the longest window and full batches with and without
+        # padding. There each shape family is a separately compiled graph, and compiling one
+        # while callers wait stalls every conversation for seconds (holding the GIL).
+        batch, window = self.max_batch_size, self.config.window_seconds
+        shapes = [[1.0], [5.0]]
+        if batch > 1:
+            n = max(2, min(batch, int(self.config.max_batch_audio_seconds // window)))
+            shapes += [
+                [window],
+                [5.0] * batch,
+                [1.0 + 4.0 * i / batch for i in range(batch)],
+                [1.0 + (window - 1.0) * i / (n - 1) for i in range(n)],
+            ]
         rng = np.random.default_rng(0)
-        for seconds, batch in ((1.0, 1), (5.0, 1), (5.0, self.max_batch_size)):
-            waves = [rng.standard_normal(int(seconds * SAMPLE_RATE_HZ)).astype(np.float32) * 0.1 for _ in range(batch)]
-            self.model.forward(waves)
+        for lengths_s in shapes:
+            self.model.forward([rng.standard_normal(int(s * SAMPLE_RATE_HZ)).astype(np.float32) * 0.1 for s in lengths_s])
 
     def _ensure_batcher(self) -> MicroBatcher:
         if self._batcher is None:

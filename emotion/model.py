@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from emotion.errors import InferenceFailed, ModelUnavailable
 
@@ -22,8 +23,12 @@ log = logging.getLogger(__name__)
 
 FRAME_HOP_S = 0.02  # the conv front end strides 320 samples at 16 kHz
 # Past this many bytes the model's ALiBi cache is dropped after a batch: it grows with
-# heads x batch x frames^2 and is never freed by FunASR.
+# heads x frames^2 and is never freed by FunASR.
 ALIBI_CACHE_CAP_BYTES = 256 * 1024 * 1024
+# The kernel stages a tile of the fp32 ALiBi bias in shared memory beside q, k and v; the
+# default tiles (128 x 128, three stages on an H100) overflow it. Attention is ~4% of the
+# FLOPs at turn lengths, so small tiles that fit any CUDA GPU cost little.
+FLEX_TILES = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,11 +85,16 @@ class EmotionModel:
         self._frame_keep: torch.Tensor | None = None
         _check_checkpoint(self.net, auto.kwargs.get("init_param"), model)
         self._install_padding_hooks()
+        self._share_alibi_rows()
         if compile == "on" or (compile == "auto" and self.device.type == "cuda"):
             # The conv front end is memory-bound: eager runs it as dozens of transposes, casts
             # and layer norms over (batch x 512 x frames) tensors; Inductor fuses them.
-            encoder = self.net.modality_encoders["AUDIO"]
-            encoder.local_encoder = torch.compile(encoder.local_encoder, dynamic=True)
+            self.net.modality_encoders["AUDIO"].local_encoder.compile(dynamic=True)
+            if self.device.type == "cuda":  # Inductor's CPU FlexAttention template fails to build
+                # With FlexAttention the blocks have no data-dependent branch left, so each
+                # compiles to one graph with its norms and residuals fused.
+                for block in use_flex_attention(self.net):
+                    block.compile(dynamic=True)
 
     @property
     def dtype_name(self) -> str:
@@ -116,6 +126,21 @@ class EmotionModel:
             if isinstance(module, torch.nn.Conv1d):
                 module.register_forward_pre_hook(zero_padded)
 
+    def _share_alibi_rows(self) -> None:
+        # FunASR builds and caches the ALiBi bias once per clip of the batch (on the CPU, then
+        # copied), so its cache grows with batch x frames^2 and is rebuilt whenever a batch is
+        # larger or longer than any before. The bias is the same for every clip: build one and
+        # view it per clip.
+        encoder = self.net.modality_encoders["AUDIO"]
+        build = encoder.get_alibi_bias
+        if build is None:
+            return
+
+        def shared(batch_size, **kwargs):
+            return build(batch_size=1, **kwargs).expand(batch_size, -1, -1, -1)
+
+        encoder.get_alibi_bias = shared
+
     def forward(self, waves: list[np.ndarray], *, frames: bool = False, embeddings: bool = False) -> list[ClipOutput]:
         """Score clips of any lengths (16 kHz mono float32) in one padded forward pass."""
         with self._lock:
@@ -134,13 +159,17 @@ class EmotionModel:
         lengths = torch.tensor([len(w) for w in waves])
         batch = torch.zeros(len(waves), int(lengths.max()), pin_memory=self.device.type == "cuda")
         for i, wave in enumerate(waves):
-            clip = torch.from_numpy(wave)
-            if self.net.cfg.normalize:
-                clip = F.layer_norm(clip, clip.shape)  # per clip, before padding, as FunASR does
-            batch[i, : len(wave)] = clip
+            batch[i, : len(wave)] = torch.from_numpy(wave)
         source = batch.to(self.device, non_blocking=True)
-        pad = torch.arange(source.shape[1]) >= lengths[:, None]
-        self._sample_pad = pad.to(self.device) if bool(pad.any()) else None
+        padded = int(lengths.min()) < batch.shape[1]
+        lengths = lengths.to(self.device, non_blocking=True)
+        pad = torch.arange(batch.shape[1], device=self.device) >= lengths[:, None]
+        if self.net.cfg.normalize:
+            # FunASR's per-clip layer norm over the real samples only, on the device.
+            n = lengths[:, None].to(source.dtype)
+            centered = (source - source.sum(1, keepdim=True) / n).masked_fill(pad, 0)
+            source = centered * torch.rsqrt(centered.square().sum(1, keepdim=True) / n + 1e-5)
+        self._sample_pad = pad if padded else None
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype)
             if self.dtype != torch.float32
@@ -183,6 +212,48 @@ class EmotionModel:
         cache = self.net.alibi_biases
         if sum(t.numel() * t.element_size() for t in cache.values()) > ALIBI_CACHE_CAP_BYTES:
             cache.clear()
+
+
+class FlexAltAttention(torch.nn.Module):
+    """FunASR's AltAttention with the ALiBi bias and the padding applied inside a FlexAttention
+    kernel. FunASR's own forward writes batch x heads x frames^2 fp32 scores several times per
+    layer (cast, bias add, mask, softmax); under bf16 that traffic was a fifth of a batch."""
+
+    def __init__(self, attn: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = attn  # its qkv and proj weights, unchanged
+
+    def forward(self, x, padding_mask=None, alibi_bias=None):
+        a = self.inner
+        batch, frames, dim = x.shape
+        q, k, v = a.qkv(x).reshape(batch, frames, 3, a.num_heads, dim // a.num_heads).permute(2, 0, 3, 1, 4)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if alibi_bias is not None:
+                score = score + alibi_bias[b, h, q_idx, kv_idx]
+            if padding_mask is not None:
+                score = torch.where(padding_mask[b, kv_idx], -float("inf"), score)
+            return score
+
+        # q, k and v are in the compute dtype already and the kernel adds the fp32 bias to
+        # its fp32 scores; autocast is kept out so it cannot recast either.
+        with torch.autocast(x.device.type, enabled=False):
+            out = flex_attention(q, k, v, score_mod=score_mod, scale=a.scale, kernel_options=FLEX_TILES)
+        return a.proj(out.transpose(1, 2).reshape(batch, frames, dim))
+
+
+def use_flex_attention(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """Swap FlexAltAttention into every transformer block that fits it; return those blocks."""
+    from funasr.models.emotion2vec.modules import AltBlock  # funasr is imported by now
+
+    heads = net.modality_encoders["AUDIO"].modality_cfg.num_alibi_heads
+    blocks = []
+    for block in net.modules():
+        attn = getattr(block, "attn", None)
+        if isinstance(block, AltBlock) and not attn.cosine_attention and attn.num_heads == heads:
+            block.attn = FlexAltAttention(attn)
+            blocks.append(block)
+    return blocks
 
 
 def _build_automodel(model: str, hub: str, device: torch.device):

@@ -140,3 +140,26 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
     assert all(not isinstance(r, Exception) for r in out[:6])
     assert isinstance(out[6], InferenceFailed) and "out of memory" in str(out[6])
     assert stats.splits >= 1 and max(stats.sizes) <= 2
+
+
+def test_warmup_covers_the_shapes_a_batching_engine_will_see(tiny_model, monkeypatch):
+    """Each shape family (one clip, full unpadded batch, padded batch up to the longest
+    window) is compiled on a GPU at its first forward: warm-up must reach them all first."""
+    from emotion.model import EmotionModel
+
+    seen = []
+    forward = EmotionModel.forward
+
+    def recording(self, waves, **kwargs):
+        seen.append([len(w) / 16000 for w in waves])
+        return forward(self, waves, **kwargs)
+
+    monkeypatch.setattr(EmotionModel, "forward", recording)
+    config = EngineConfig(model=str(tiny_model), device="cpu", max_batch_size=8, window_seconds=10.0, max_batch_audio_seconds=40.0)
+    engine = EmotionEngine(config).load()
+    assert engine.warm
+    assert [1.0] in seen and [10.0] in seen and [5.0] * 8 in seen
+    padded = [s for s in seen if len(set(s)) > 1]
+    assert max(len(s) for s in padded) == 8
+    widest = max(padded, key=max)
+    assert min(widest) == 1.0 and max(widest) == 10.0 and len(widest) * max(widest) <= 40.0

@@ -20,16 +20,18 @@ LENGTHS_S = [0.5, 1.3, 2.9, 5.0, 11.0, 30.0]
 
 
 def test_cuda_fp32_batches_equal_funasr_generate(tiny_model):
+    """The compiled path (front end, blocks, FlexAttention) against FunASR's own, uncompiled."""
     model = EmotionModel(str(tiny_model), device="cuda", dtype="float32")
+    plain = EmotionModel(str(tiny_model), device="cuda", dtype="float32", compile="off")
     waves = [speech_like(s, seed=i) for i, s in enumerate(LENGTHS_S)]
     for wave, out in zip(waves, model.forward(waves)):
-        ref = model.funasr.generate(input=wave, extract_embedding=False, disable_pbar=True)[0]["scores"]
+        ref = plain.funasr.generate(input=wave, extract_embedding=False, disable_pbar=True)[0]["scores"]
         assert np.abs(out.probs - np.array(ref)).max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_reduced_precision_stays_close_to_fp32(tiny_model, dtype):
-    full = EmotionModel(str(tiny_model), device="cuda", dtype="float32")
+    full = EmotionModel(str(tiny_model), device="cuda", dtype="float32", compile="off")
     low = EmotionModel(str(tiny_model), device="cuda", dtype=dtype)
     waves = [speech_like(s, seed=i) for i, s in enumerate(LENGTHS_S)]
     a = np.stack([o.probs for o in full.forward(waves)])
@@ -43,7 +45,7 @@ def test_auto_picks_the_gpu_and_a_reduced_precision(tiny_model):
 
 
 def test_engine_batches_on_the_gpu(tiny_model):
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), max_wait_ms=20))
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), max_wait_ms=20)).load()  # compiles while warming up
     waves = [speech_like(1.0 + i % 5, seed=i) for i in range(40)]
 
     async def main():

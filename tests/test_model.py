@@ -7,7 +7,7 @@ from conftest import speech_like
 
 from emotion.checkpoint import head_bias, write_checkpoint
 from emotion.errors import ModelUnavailable
-from emotion.model import EmotionModel, english_label
+from emotion.model import EmotionModel, english_label, use_flex_attention
 
 LENGTHS_S = [0.5, 0.9, 1.7, 3.2, 7.5, 15.0, 30.0]
 
@@ -51,6 +51,23 @@ def test_without_the_padding_fix_a_padded_batch_drifts(model, tiny_model):
     fixed = model.forward([short, long], embeddings=True)[0].embedding
     assert np.abs(alone - padded).max() > 1e-3
     assert np.abs(alone - fixed).max() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_scores_equal_funasr_generate(model, tiny_model):
+    """The attention that the GPU path compiles, run here unfused: same scores as FunASR's own."""
+    flex = EmotionModel(str(tiny_model), device="cpu", compile="off")
+    assert len(use_flex_attention(flex.net)) == 2  # the prenet block and the main block
+    waves = [speech_like(s, seed=i) for i, s in enumerate(LENGTHS_S[:5])]
+    for wave, out in zip(waves, flex.forward(waves)):
+        assert np.abs(out.probs - funasr_scores(model, wave)[1]).max() < 1e-4
+
+
+def test_alibi_cache_holds_one_row_whatever_the_batch(model):
+    model.forward([speech_like(s, seed=i) for i, s in enumerate([2.0, 4.0, 6.0, 8.0])])
+    heads = model.net.modality_encoders["AUDIO"].modality_cfg.num_alibi_heads
+    cache = list(model.net.alibi_biases.values())
+    assert cache and all(t.shape[0] == heads for t in cache)
 
 
 def test_embeddings_and_frames(model):
