@@ -39,16 +39,22 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_fills_up_to_max_batch_size():
-    rec = Recorder(delay_s=0.01)
+def submit_all(run_batch, items, *, return_exceptions=False, **options):
+    """Submit every item at once to a fresh batcher; return the answers and the batcher."""
 
     async def main():
-        b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=50)
-        out = await asyncio.gather(*(b.submit(i) for i in range(10)))
+        b = MicroBatcher(run_batch, **options)
+        out = await asyncio.gather(*(b.submit(i) for i in items), return_exceptions=return_exceptions)
         await b.close()
-        return out
+        return out, b
 
-    assert run(main()) == [f"done:{i}" for i in range(10)]
+    return run(main())
+
+
+def test_fills_up_to_max_batch_size():
+    rec = Recorder(delay_s=0.01)
+    out, _ = submit_all(rec, range(10), max_batch_size=4, max_wait_ms=50)
+    assert out == [f"done:{i}" for i in range(10)]
     assert max(len(x) for x in rec.batches) == 4
     assert sum(len(x) for x in rec.batches) == 10
     assert len(rec.threads) == 1  # one inference thread
@@ -79,57 +85,26 @@ def test_max_wait_closes_a_partial_batch():
 
 def test_buckets_by_length_and_caps_padded_cost():
     rec = Recorder()
-
-    async def main():
-        b = MicroBatcher(rec, size=lambda x: x, max_batch_size=16, max_wait_ms=20, max_batch_cost=40)
-        await asyncio.gather(*(b.submit(n) for n in [1, 10, 2, 9, 1, 10, 3, 8]))
-        await b.close()
-
-    run(main())
+    submit_all(rec, [1, 10, 2, 9, 1, 10, 3, 8], size=lambda x: x, max_batch_size=16, max_wait_ms=20, max_batch_cost=40)
     for batch in rec.batches:
         assert max(batch) <= 2 * min(batch)  # nothing padded to more than twice its length
         assert len(batch) * max(batch) <= 40
 
 
 def test_a_failing_item_fails_alone():
-    rec = Recorder(fail_on=3)
-
-    async def main():
-        b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=20)
-        out = await asyncio.gather(*(b.submit(i) for i in range(8)), return_exceptions=True)
-        await b.close()
-        return out
-
-    out = run(main())
+    out, _ = submit_all(Recorder(fail_on=3), range(8), return_exceptions=True, max_batch_size=8, max_wait_ms=20)
     assert isinstance(out[3], InferenceFailed) and "poisoned" in str(out[3])
     assert [o for i, o in enumerate(out) if i != 3] == [f"done:{i}" for i in range(8) if i != 3]
 
 
 def test_out_of_memory_retries_smaller_batches():
-    rec = Recorder(oom_above=2)
-
-    async def main():
-        b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=20)
-        out = await asyncio.gather(*(b.submit(i) for i in range(8)))
-        await b.close()
-        return out, b.stats
-
-    out, stats = run(main())
+    out, b = submit_all(Recorder(oom_above=2), range(8), max_batch_size=8, max_wait_ms=20)
     assert out == [f"done:{i}" for i in range(8)]
-    assert stats.splits >= 3 and max(stats.sizes) == 2
+    assert b.stats.splits >= 3 and max(b.stats.sizes) == 2
 
 
 def test_full_queue_answers_overloaded_at_once():
-    rec = Recorder(delay_s=0.2)
-
-    async def main():
-        b = MicroBatcher(rec, max_batch_size=1, max_wait_ms=0, max_queue=2)
-        tasks = [asyncio.create_task(b.submit(i)) for i in range(6)]
-        out = await asyncio.gather(*tasks, return_exceptions=True)
-        await b.close()
-        return out
-
-    out = run(main())
+    out, _ = submit_all(Recorder(delay_s=0.2), range(6), return_exceptions=True, max_batch_size=1, max_wait_ms=0, max_queue=2)
     overloaded = [o for o in out if isinstance(o, Overloaded)]
     assert overloaded and "overloaded" in str(overloaded[0])
     assert sum(isinstance(o, str) for o in out) >= 2
@@ -154,15 +129,8 @@ def test_items_that_waited_too_long_are_answered_before_inference():
 
 
 def test_order_of_results_follows_the_callers():
-    rec = Recorder()
-
-    async def main():
-        b = MicroBatcher(rec, size=lambda x: -x, max_batch_size=5, max_wait_ms=10)
-        out = await asyncio.gather(*(b.submit(i) for i in range(20)))
-        await b.close()
-        return out
-
-    assert run(main()) == [f"done:{i}" for i in range(20)]
+    out, _ = submit_all(Recorder(), range(20), size=lambda x: -x, max_batch_size=5, max_wait_ms=10)
+    assert out == [f"done:{i}" for i in range(20)]
 
 
 def test_concurrent_turns_through_the_batcher_match_one_by_one(tiny_model):
