@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emotion.audio import SAMPLE_RATE_HZ, decode_audio
+from emotion.audio import FRAME_HOP_S, SAMPLE_RATE_HZ, decode_audio
 from emotion.batching import MicroBatcher
 from emotion.config import GRANULARITIES, EngineConfig
 from emotion.errors import ConfigError, ModelUnavailable, TimedOut
@@ -289,7 +289,7 @@ class EmotionEngine:
                 t0 = start / SAMPLE_RATE_HZ
                 for k, frame in enumerate(out.frame_probs):
                     s = _result(labels, frame, 0.0)
-                    result.segments.append(Segment(t0 + k * 0.02, t0 + (k + 1) * 0.02, s.emotion, s.confidence, s.scores))
+                    result.segments.append(Segment(t0 + k * FRAME_HOP_S, t0 + (k + 1) * FRAME_HOP_S, s.emotion, s.confidence, s.scores))
             if embeddings:
                 result.frame_embeddings = np.concatenate([o.frame_embeddings for o in outputs])
         elif granularity == "segment":

@@ -21,7 +21,6 @@ from emotion.errors import InferenceFailed, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-FRAME_HOP_S = 0.02  # the conv front end strides 320 samples at 16 kHz
 # Past this many bytes the model's ALiBi cache is dropped after a batch: it grows with
 # heads x frames^2 and is never freed by FunASR.
 ALIBI_CACHE_CAP_BYTES = 256 * 1024 * 1024
