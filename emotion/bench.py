@@ -80,14 +80,17 @@ def _clips(args: argparse.Namespace) -> list[np.ndarray]:
 
 
 def _stats(latencies_s: list[float], clips: list[np.ndarray], elapsed_s: float) -> dict:
-    lat = np.array(latencies_s) * 1000
     audio_s = sum(len(c) for c in clips) / SAMPLE_RATE_HZ
     return {
         "clips_per_s": round(len(clips) / elapsed_s, 2),
         "audio_seconds_per_s": round(audio_s / elapsed_s, 1),
-        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1), "p95": round(float(np.percentile(lat, 95)), 1),
-                       "p99": round(float(np.percentile(lat, 99)), 1)},
+        "latency_ms": _percentiles_ms(latencies_s, 50, 95, 99),
     }
+
+
+def _percentiles_ms(latencies_s: list[float], *percents: int) -> dict:
+    lat = np.array(latencies_s) * 1000
+    return {f"p{p}": round(float(np.percentile(lat, p)), 1) for p in percents}
 
 
 def _baseline(model, clips: list[np.ndarray]) -> dict:
@@ -234,13 +237,12 @@ async def _server_load(url: str, args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - started
         done.set()
         await prober
-    lat = np.array(latencies) * 1000
     return {
         "turns": len(latencies),
         "concurrency": args.server_concurrency,
         "non_200": sum(s != 200 for s in statuses),
         "turns_per_s": round(len(latencies) / elapsed, 2),
-        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1), "p95": round(float(np.percentile(lat, 95)), 1)},
+        "latency_ms": _percentiles_ms(latencies, 50, 95),
         "health_ms_while_busy": {"probes": len(health), "p50": round(float(np.median(health)), 1) if health else None,
                                  "max": round(max(health), 1) if health else None},
     }
