@@ -92,26 +92,23 @@ def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from emotion.audio import decode_audio
     from emotion.engine import EmotionEngine
 
-    config = config_from_args(args, warmup=False)
     if args.plot and (len(args.files) != 1 or args.granularity == "utterance"):
         print("error: --plot takes one file and --granularity frame or segment", file=sys.stderr)
         return 2
+    engine = EmotionEngine(config_from_args(args, warmup=False))  # the model loads only if a file decodes
     waves, rows = {}, []
     for name in args.files:
         try:
-            data = Path(name).read_bytes()
-            waves[name] = decode_audio(data, encoding=args.encoding, sample_rate_hz=args.sample_rate,
-                                       max_seconds=config.max_audio_seconds, min_seconds=config.min_audio_ms / 1000)
+            waves[name] = engine.decode_sync(Path(name).read_bytes(), args.encoding, args.sample_rate)
         except OSError as exc:
             rows.append((name, {"code": "fetch_failed", "message": f"cannot read file: {exc.strerror}"}))
         except EmotionError as exc:
             rows.append((name, exc.as_dict()))
     results = {}
     if waves:
-        engine = EmotionEngine(config).load()
+        engine.load()
         for name, result in zip(waves, engine.analyze_waves(list(waves.values()), granularity=args.granularity, embeddings=args.embeddings)):
             results[name] = result
     errors = dict(rows)

@@ -200,13 +200,14 @@ class EmotionEngine:
 
     async def decode(self, data: bytes, *, encoding: str | None = None, sample_rate_hz: int | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._decoder, self._decode_sync, data, encoding, sample_rate_hz)
+        job = loop.run_in_executor(self._decoder, self.decode_sync, data, encoding, sample_rate_hz)
         try:
             return await asyncio.wait_for(job, self.config.decode_timeout_s)
         except TimeoutError:
             raise TimedOut(f"decoding took longer than {self.config.decode_timeout_s:g} s") from None
 
-    def _decode_sync(self, data: bytes, encoding: str | None, sample_rate_hz: int | None) -> np.ndarray:
+    def decode_sync(self, data: bytes, encoding: str | None = None, sample_rate_hz: int | None = None) -> np.ndarray:
+        """Decode within this engine's duration limits (in the calling thread)."""
         return decode_audio(
             data,
             encoding=encoding,
