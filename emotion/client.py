@@ -50,8 +50,9 @@ def send_turn(args: argparse.Namespace) -> int:
                 print(f"bot (custom): {json.dumps(reply['custom'], ensure_ascii=False)}")
         tracker = client.get(f"/conversations/{args.sender}/tracker")
         tracker.raise_for_status()
-        slots = tracker.json().get("slots", {})
+        state = tracker.json()
+        slots = state.get("slots", {})
         print("slots: " + json.dumps({k: slots.get(k) for k in SLOTS}, ensure_ascii=False))
-        if tracker.json().get("paused"):
+        if state.get("paused"):
             print("conversation paused: handed off to a human")
     return 0
