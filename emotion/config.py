@@ -77,7 +77,7 @@ class EngineConfig:
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> EngineConfig:
         values: dict = {}
         for f in dataclasses.fields(cls):
-            raw = environ.get(_ENV_NAMES.get(f.name, "EMOTION_" + f.name.upper()))
+            raw = environ.get(_env_name(f.name))
             if raw is None or raw.strip() == "":
                 continue
             values[f.name] = _parse(f, raw.strip())
@@ -98,8 +98,12 @@ class EngineConfig:
 _ENV_NAMES = {"model": "EMOTION_MODEL", "rules_path": "EMOTION_RULES", "max_batch_size": "EMOTION_MAX_BATCH"}
 
 
+def _env_name(field_name: str) -> str:
+    return _ENV_NAMES.get(field_name, "EMOTION_" + field_name.upper())
+
+
 def _parse(f: dataclasses.Field, raw: str):
-    env = _ENV_NAMES.get(f.name, "EMOTION_" + f.name.upper())
+    env = _env_name(f.name)
     kind = f.type
     try:
         if kind == "bool":
