@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import logging
 import sys
@@ -26,15 +25,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import soundfile as sf
 
+from emotion.audio import encode_audio
 from emotion.bench import action_server, webhook_call
-
-
-def _encode(wave: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, wave, sr, format=fmt, subtype=subtype)
-    return buf.getvalue()
 
 
 def _cases(audio_url: str) -> list[tuple[str, dict, str | None]]:
@@ -42,14 +35,14 @@ def _cases(audio_url: str) -> list[tuple[str, dict, str | None]]:
     rng = np.random.default_rng(0)
     speech = (rng.standard_normal(16000 * 3) * 0.1).astype(np.float32)
     b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-    wav = _encode(speech, 16000, "WAV", "PCM_16")
+    wav = encode_audio(speech, 16000, "WAV", "PCM_16")
     return [
         ("wav", {"base64": b64(wav)}, None),
-        ("mulaw", {"base64": b64(_encode(speech[::2], 8000, "RAW", "ULAW")), "encoding": "mulaw", "sample_rate": 8000}, None),
+        ("mulaw", {"base64": b64(encode_audio(speech[::2], 8000, "RAW", "ULAW")), "encoding": "mulaw", "sample_rate": 8000}, None),
         ("flac-url", {"url": audio_url}, None),
         ("random-bytes", {"base64": b64(rng.bytes(5000))}, "decode_failed"),
         ("truncated", {"base64": b64(wav[:200])}, "invalid_audio"),
-        ("10ms", {"base64": b64(_encode(speech[:160], 16000, "WAV", "PCM_16"))}, "invalid_audio"),
+        ("10ms", {"base64": b64(encode_audio(speech[:160], 16000, "WAV", "PCM_16"))}, "invalid_audio"),
         ("bad-base64", {"base64": "!!not base64!!"}, "bad_reference"),
         ("internal-url", {"url": "http://169.254.169.254/latest"}, "refused"),
         ("path-not-allowed", {"path": "/etc/passwd"}, "refused"),
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model = str(write_checkpoint(Path(tmp) / "model", size="tiny"))
         rng = np.random.default_rng(1)
-        flac = _encode((rng.standard_normal(16000 * 2) * 0.1).astype(np.float32), 16000, "FLAC", "PCM_16")
+        flac = encode_audio((rng.standard_normal(16000 * 2) * 0.1).astype(np.float32), 16000, "FLAC", "PCM_16")
         audio_server, audio_url = _serve_audio(flac)
         cases = _cases(audio_url)
         env = {"EMOTION_MODEL": model, "EMOTION_URL_ALLOW": "127.0.0.1/32"}

@@ -62,6 +62,13 @@ def decode_audio(
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+def encode_audio(wave: np.ndarray, sample_rate_hz: int, fmt: str, subtype: str | None = None) -> bytes:
+    """Encode with libsndfile (e.g. "WAV"/"PCM_16", "RAW"/"ULAW"): what callers, benchmarks and tests send."""
+    buf = io.BytesIO()
+    sf.write(buf, wave, sample_rate_hz, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     # libsndfile names the in-memory file object; the caller knows which turn it was.

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import io
 import os
 import platform
 import resource
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emotion.audio import SAMPLE_RATE_HZ
+from emotion.audio import SAMPLE_RATE_HZ, encode_audio
 from emotion.engine import EmotionEngine
 
 
@@ -202,16 +201,13 @@ def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
 
 async def _server_load(url: str, args: argparse.Namespace) -> dict:
     import httpx
-    import soundfile as sf
 
     rng = np.random.default_rng(1)
     bodies = []
     for i in range(args.server_turns):
         seconds = args.fixed_seconds or rng.uniform(*args.seconds)
-        buf = io.BytesIO()
-        sf.write(buf, (rng.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
-        audio = {"base64": base64.b64encode(buf.getvalue()).decode()}
-        bodies.append(webhook_call(f"bench-{i}", audio))
+        wav = encode_audio((rng.standard_normal(int(seconds * SAMPLE_RATE_HZ)) * 0.1).astype(np.float32), SAMPLE_RATE_HZ, "WAV", "PCM_16")
+        bodies.append(webhook_call(f"bench-{i}", {"base64": base64.b64encode(wav).decode()}))
     latencies, health, statuses = [], [], []
     done = asyncio.Event()
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=args.server_concurrency + 4)) as client:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 from pathlib import Path
 
 import httpx
 
-from emotion.audio import decode_audio
+from emotion.audio import decode_audio, encode_audio
 from emotion.errors import FetchFailed
 
 SLOTS = ("emotion", "emotion_confidence", "escalate", "escalation_reason", "emotion_error")
@@ -28,13 +27,11 @@ def build_audio(args: argparse.Namespace) -> dict:
     except OSError as exc:
         raise FetchFailed(f"cannot read {args.audio}: {exc.strerror}") from None
     if args.mulaw:
-        import soundfile as sf
         import soxr
 
         wave = soxr.resample(decode_audio(data, min_seconds=0.0), 16000, 8000)
-        buf = io.BytesIO()
-        sf.write(buf, wave, 8000, format="RAW", subtype="ULAW")
-        return {"base64": base64.b64encode(buf.getvalue()).decode(), "encoding": "mulaw", "sample_rate": 8000}
+        ulaw = encode_audio(wave, 8000, "RAW", "ULAW")
+        return {"base64": base64.b64encode(ulaw).decode(), "encoding": "mulaw", "sample_rate": 8000}
     return {"base64": base64.b64encode(data).decode()}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import socket
 import subprocess
@@ -16,8 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
 
+from emotion.audio import encode_audio as encode  # noqa: F401  (tests import it from here)
 from emotion.checkpoint import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +32,6 @@ def speech_like(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
     voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
     envelope = np.clip(np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, 6)), 0, None) ** 0.5
     return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
-
-
-def encode(wave: np.ndarray, sr: int, fmt: str, subtype: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, wave, sr, format=fmt, subtype=subtype)
-    return buf.getvalue()
 
 
 def wav_bytes(seconds: float = 2.0, sr: int = SR, seed: int = 0) -> bytes:
