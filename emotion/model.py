@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 ALIBI_CACHE_CAP_BYTES = 256 * 1024 * 1024
 # The kernel stages a tile of the fp32 ALiBi bias in shared memory beside q, k and v; the
 # default tiles (128 x 128, three stages on an H100) overflow it. Attention is ~4% of the
-# FLOPs at turn lengths, so small tiles that fit any CUDA GPU cost little.
+# FLOPs at turn lengths, so small tiles, chosen to leave room on GPUs with less shared
+# memory than an H100 (only an H100 was tried), cost little.
 FLEX_TILES = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
