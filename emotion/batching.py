@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from emotion.errors import EmotionError, InferenceFailed, Overloaded, TimedOut
+from emotion.errors import EmotionError, InferenceFailed, Overloaded, TimedOut, first_line
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,64 @@ class BatchStats:
     splits: int = 0
     sizes: dict[int, int] = field(default_factory=dict)
 
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+def plan_batches(sizes: Sequence[float], *, max_batch_size: int, max_cost: float = float("inf")) -> list[list[int]]:
+    """Group item indices, longest first, so that no batch pads an item to more than twice
+    its size, holds more than ``max_batch_size`` items, or costs more than ``max_cost``
+    once padded. The micro-batcher and the synchronous path both batch with this."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if (
+            current is not None
+            and len(current) < max_batch_size
+            and sizes[i] * 2 >= sizes[current[0]]
+            and (len(current) + 1) * sizes[current[0]] <= max_cost
+        ):
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def run_isolated(run_batch: Callable[[list[Any]], Sequence[Any]], items: list[Any], stats: BatchStats | None = None) -> list[Any]:
+    """Run one batch; if it raises, halve and retry down to the single item, so one bad
+    item (or a batch too large for the GPU) fails alone. Returns a result or an
+    ``EmotionError`` per item, in order."""
+    try:
+        results = list(run_batch(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc if isinstance(exc, EmotionError) else _wrap(exc)]
+        if stats is not None:
+            stats.splits += 1
+        log.warning("batch of %d failed (%s); retrying in halves", len(items), first_line(exc))
+        half = len(items) // 2
+        return run_isolated(run_batch, items[:half], stats) + run_isolated(run_batch, items[half:], stats)
+    if stats is not None:
+        stats.record(len(items))
+    return results
+
 
 class MicroBatcher:
     """Runs ``run_batch`` on one worker thread over batches of concurrently submitted items.
 
     A batch closes when it holds ``max_batch_size`` items or when its oldest item has
-    waited ``max_wait_ms``. Items are sorted by ``size`` and split so that no batch pads
-    an item to more than twice its size and no batch exceeds ``max_batch_cost`` once
-    padded. If ``run_batch`` raises, the batch is halved and retried, so one bad item (or
-    an out-of-memory batch) fails alone. A full queue answers ``Overloaded`` at once.
+    waited ``max_wait_ms``. Items are grouped by ``plan_batches`` and run by
+    ``run_isolated``, so one bad item (or an out-of-memory batch) fails alone. A full
+    queue answers ``Overloaded`` at once.
     """
 
     def __init__(
@@ -61,6 +110,7 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emotion-infer")
         self._task: asyncio.Task | None = None
+        self._taken: list[_Pending] = []  # off the queue, not yet answered
         self._on_batch = on_batch
         self.stats = BatchStats()
 
@@ -78,9 +128,11 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         while not self._queue.empty():
-            pending = self._queue.get_nowait()
+            self._taken.append(self._queue.get_nowait())
+        for pending in self._taken:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded("the engine is shutting down"))
+        self._taken = []
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, item: Any, *, timeout_s: float = 30.0) -> Any:
@@ -97,7 +149,7 @@ class MicroBatcher:
     async def _loop(self) -> None:
         while True:
             first = await self._queue.get()
-            group = [first]
+            self._taken = group = [first]
             cost = first.size
             # The wait is counted from the oldest item's arrival: items that queued while the
             # previous batch ran have waited already and go at once.
@@ -113,12 +165,15 @@ class MicroBatcher:
                 try:
                     group.append(await asyncio.wait_for(self._queue.get(), remaining))
                     cost += group[-1].size
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
-            for batch in self._buckets(group):
-                await self._run(batch)
+            live = self._live(group)
+            for indices in plan_batches([p.size for p in live], max_batch_size=self.max_batch_size, max_cost=self.max_batch_cost):
+                await self._run([live[i] for i in indices])
+            self._taken = []
 
-    def _buckets(self, group: list[_Pending]) -> list[list[_Pending]]:
+    @staticmethod
+    def _live(group: list[_Pending]) -> list[_Pending]:
         now = time.monotonic()
         live = []
         for p in group:
@@ -128,42 +183,12 @@ class MicroBatcher:
                 p.future.set_exception(TimedOut("the clip waited too long for inference"))
             else:
                 live.append(p)
-        live.sort(key=lambda p: p.size, reverse=True)
-        batches: list[list[_Pending]] = []
-        for p in live:
-            current = batches[-1] if batches else None
-            if (
-                current is not None
-                and len(current) < self.max_batch_size
-                and p.size * 2 >= current[0].size
-                and (len(current) + 1) * current[0].size <= self.max_batch_cost
-            ):
-                current.append(p)
-            else:
-                batches.append([p])
-        return batches
+        return live
 
     async def _run(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        try:
-            results = await loop.run_in_executor(self._worker, self._run_batch, [p.item for p in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
-        except Exception as exc:
-            if len(batch) == 1:
-                if not batch[0].future.done():
-                    batch[0].future.set_exception(exc if isinstance(exc, EmotionError) else _wrap(exc))
-                return
-            self.stats.splits += 1
-            log.warning("batch of %d failed (%s); retrying in halves", len(batch), exc)
-            half = len(batch) // 2
-            await self._run(batch[:half])
-            await self._run(batch[half:])
-            return
-        self.stats.batches += 1
-        self.stats.items += len(batch)
-        self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
+        results = await loop.run_in_executor(self._worker, run_isolated, self._run_batch, [p.item for p in batch], self.stats)
         if self._on_batch is not None:
             self._on_batch(len(batch), time.perf_counter() - started)
         for p, result in zip(batch, results):
@@ -175,6 +200,6 @@ class MicroBatcher:
 
 
 def _wrap(exc: Exception) -> EmotionError:
-    wrapped = InferenceFailed(f"inference failed: {type(exc).__name__}: {str(exc)[:200]}")
+    wrapped = InferenceFailed(f"inference failed: {type(exc).__name__}: {first_line(exc)}")
     wrapped.__cause__ = exc
     return wrapped

@@ -109,7 +109,7 @@ def _baseline(model, clips: list[np.ndarray]) -> dict:
 
 async def _engine_level(engine: EmotionEngine, clips: list[np.ndarray], concurrency: int) -> dict:
     """``concurrency`` conversations, each sending its next turn as soon as the last is tagged."""
-    engine._batcher = None  # fresh batch statistics per level
+    engine.reset_stats()  # fresh batch statistics per level
     await engine.start()
     queue = list(range(len(clips)))
     latencies: list[float] = []
@@ -124,12 +124,11 @@ async def _engine_level(engine: EmotionEngine, clips: list[np.ndarray], concurre
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     out = _stats(latencies, clips, time.perf_counter() - started)
-    stats = engine._batcher.stats
+    stats = engine.reset_stats()
+    await engine.close()
     out["batches"] = stats.batches
-    out["mean_batch_size"] = round(stats.items / max(stats.batches, 1), 1)
+    out["mean_batch_size"] = round(stats.mean_batch_size, 1)
     out["batch_sizes_seen"] = dict(sorted(stats.sizes.items()))
-    await engine._batcher.close()
-    engine._batcher = None
     return out
 
 

@@ -18,6 +18,8 @@ MODEL_ALIASES = {
     "base_finetuned": "iic/emotion2vec_base_finetuned",
 }
 GRANULARITIES = ("utterance", "frame", "segment")
+# emotion2vec's nine classes, in its head's order: the one list every part checks against.
+LABELS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +29,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"
+    labels: tuple[str, ...] = ()  # empty: every label of the model
     # 0 picks per device: the benchmark shows padded batches pay off on a GPU only.
     max_batch_size: int = 0
     max_wait_ms: float = 5.0
@@ -44,11 +47,6 @@ class EngineConfig:
     audio_root: str | None = None
     url_allow: tuple[str, ...] = ()
     warmup: bool = True
-    rules_path: str | None = None
-    history_turns: int = 20
-    fail_fast: bool = False
-    log_text: bool = False
-    metrics: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", MODEL_ALIASES.get(self.model, self.model))
@@ -69,20 +67,15 @@ class EngineConfig:
         _check_range("max_audio_bytes", self.max_audio_bytes, 1024, 2**31)
         for name in ("decode_timeout_s", "fetch_timeout_s", "turn_timeout_s"):
             _check_range(name, getattr(self, name), 0.1, 600)
-        _check_range("history_turns", self.history_turns, 1, 1000)
         for entry in self.url_allow:
             _parse_allow_entry(entry)
+        unknown = [lab for lab in self.labels if lab not in LABELS]
+        if unknown or len(self.labels) == 1:
+            raise ConfigError(f"labels={','.join(self.labels)}: expected two or more of {', '.join(LABELS)}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> EngineConfig:
-        values: dict = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(_env_name(f.name))
-            if raw is None or raw.strip() == "":
-                continue
-            values[f.name] = _parse(f, raw.strip())
-        values.update(overrides)
-        return cls(**values)
+        return read_env(cls, environ, **overrides)
 
     def allow_networks(self) -> tuple[set[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
         hosts, nets = set(), []
@@ -93,6 +86,37 @@ class EngineConfig:
             else:
                 nets.append(parsed)
         return hosts, nets
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """What the action server adds around the engine: rules, the API, alerts, operations."""
+
+    rules_path: str | None = None
+    history_turns: int = 20
+    api_token: str | None = None
+    fail_fast: bool = False
+    log_text: bool = False
+    metrics: bool = True
+
+    def __post_init__(self) -> None:
+        _check_range("history_turns", self.history_turns, 1, 1000)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> ServerConfig:
+        return read_env(cls, environ, **overrides)
+
+
+def read_env(cls, environ: Mapping[str, str], **overrides):
+    """Build a config dataclass from ``EMOTION_*`` variables; blank ones keep the default."""
+    values: dict = {}
+    for f in dataclasses.fields(cls):
+        raw = environ.get(_env_name(f.name))
+        if raw is None or raw.strip() == "":
+            continue
+        values[f.name] = _parse(f, raw.strip())
+    values.update(overrides)
+    return cls(**values)
 
 
 _ENV_NAMES = {"model": "EMOTION_MODEL", "rules_path": "EMOTION_RULES", "max_batch_size": "EMOTION_MAX_BATCH"}
@@ -143,4 +167,4 @@ def _parse_allow_entry(entry: str):
         return entry.lower().rstrip(".")
 
 
-__all__ = ["EngineConfig", "DEFAULT_MODEL", "GRANULARITIES"]
+__all__ = ["EngineConfig", "ServerConfig", "DEFAULT_MODEL", "GRANULARITIES", "LABELS"]

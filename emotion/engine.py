@@ -8,92 +8,50 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Sequence
 
 import numpy as np
 
-from emotion.audio import FRAME_HOP_S, SAMPLE_RATE_HZ, decode_audio
-from emotion.batching import MicroBatcher
-from emotion.config import GRANULARITIES, EngineConfig
-from emotion.errors import ConfigError, ModelUnavailable, TimedOut
+from emotion.audio import SAMPLE_RATE_HZ, decode_audio
+from emotion.batching import BatchStats, MicroBatcher, plan_batches, run_isolated
+from emotion.config import LABELS, EngineConfig
+from emotion.errors import EmotionError, ModelUnavailable, TimedOut, first_line
 from emotion.sources import AudioFetcher, AudioRef
+from emotion.windows import Clip, EmotionResult, Plan, Segment, assemble, clips_for, plan_turn
+
+__all__ = ["EmotionEngine", "EmotionResult", "Segment"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Segment:
-    start_s: float
-    end_s: float
-    emotion: str
-    confidence: float
-    scores: dict[str, float]
-
-
-@dataclass
-class EmotionResult:
-    emotion: str
-    confidence: float
-    scores: dict[str, float]
-    duration_s: float
-    segments: list[Segment] | None = None
-    embedding: np.ndarray | None = None
-    frame_embeddings: np.ndarray | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        out = {
-            "emotion": self.emotion,
-            "confidence": round(self.confidence, 6),
-            "scores": {k: round(v, 6) for k, v in self.scores.items()},
-            "duration_s": round(self.duration_s, 3),
-        }
-        if self.segments is not None:
-            out["segments"] = [
-                {"start_s": round(s.start_s, 3), "end_s": round(s.end_s, 3), "emotion": s.emotion,
-                 "confidence": round(s.confidence, 6), "scores": {k: round(v, 6) for k, v in s.scores.items()}}
-                for s in self.segments
-            ]
-        if self.embedding is not None:
-            out["embedding"] = self.embedding.tolist()
-        return out
-
-
-@dataclass
-class _Clip:
-    """One model input: a whole turn, or one window of a long turn or of a segment split."""
-
-    wave: np.ndarray
-    frames: bool = False
-    embeddings: bool = False
 
 
 class EmotionEngine:
     """Loads emotion2vec once and serves analyses from any number of concurrent callers."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig.from_env()
+        self.config = config or EngineConfig()
         self.model = None
         self.error: str | None = None
         self.warm = False
         self._batcher: MicroBatcher | None = None
         self._fetcher: AudioFetcher | None = None
-        self._decoder = concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="emotion-decode")
+        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._loading: asyncio.Future | None = None
         self.on_batch = None  # metrics hook: (batch_size, seconds)
         self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
+        self.stats = BatchStats()  # every batch run, by the micro-batcher or analyze_waves
 
     # -- lifecycle -------------------------------------------------------------------
 
     def load(self) -> EmotionEngine:
         """Load and warm the model in this thread (CLI, benchmarks, tests)."""
-        from emotion.model import EmotionModel
-
         try:
-            self.model = EmotionModel(
-                self.config.model, hub=self.config.hub, device=self.config.device, dtype=self.config.dtype, compile=self.config.compile
-            )
+            from emotion.model import EmotionModel
+        except ImportError as exc:  # an old torch, or none: say which
+            self.error = f"cannot load the model code: {first_line(exc, 300)}"
+            raise ModelUnavailable(self.error) from exc
+        c = self.config
+        try:
+            self.model = EmotionModel(c.model, hub=c.hub, device=c.device, dtype=c.dtype, compile=c.compile, labels=c.labels)
         except ModelUnavailable as exc:
             self.error = exc.message
             raise
@@ -112,17 +70,35 @@ class EmotionEngine:
         self._ensure_batcher()
 
     async def close(self) -> None:
+        """Release what belongs to the running event loop; the model stays loaded, so the
+        engine can serve again from another loop (the benchmark's levels do)."""
         if self._batcher is not None:
             await self._batcher.close()
         if self._fetcher is not None:
             await self._fetcher.aclose()
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._batcher = self._fetcher = self._decoder = None
 
     @property
     def max_batch_size(self) -> int:
         if self.config.max_batch_size:
             return self.config.max_batch_size
         return 64 if self.model is not None and self.model.device.type == "cuda" else 1
+
+    def reset_stats(self) -> BatchStats:
+        """Start counting batches afresh (benchmark levels); returns the finished counts."""
+        done, self.stats = self.stats, BatchStats()
+        if self._batcher is not None:
+            self._batcher.stats = self.stats
+        return done
+
+    @property
+    def labels(self) -> list[str]:
+        """The labels results speak: the loaded model's, or those it will have."""
+        if self.model is not None:
+            return list(self.model.labels)
+        return list(self.config.labels or LABELS)
 
     def status(self) -> dict:
         model = self.model
@@ -166,9 +142,10 @@ class EmotionEngine:
                 max_batch_cost=self.config.max_batch_audio_seconds * SAMPLE_RATE_HZ,
                 on_batch=lambda n, s: self.on_batch and self.on_batch(n, s),
             )
+            self._batcher.stats = self.stats
         return self._batcher
 
-    def _run_clips(self, clips: list[_Clip]):
+    def _run_clips(self, clips: list[Clip]):
         return self.model.forward(
             [c.wave for c in clips],
             frames=any(c.frames for c in clips),
@@ -176,35 +153,40 @@ class EmotionEngine:
         )
 
     # -- analysis --------------------------------------------------------------------
+    # One deadline per turn (EMOTION_TURN_TIMEOUT_S) covers fetch, decode, the wait for a
+    # loading model and inference; each stage also keeps its own, shorter limit.
 
     async def analyze_ref(self, ref: AudioRef, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
         """Fetch, decode and analyse one turn's audio."""
+        deadline = time.monotonic() + self.config.turn_timeout_s
         if self._fetcher is None:
             self._fetcher = AudioFetcher(self.config)
         started = time.perf_counter()
-        data = await self._fetcher.fetch(ref)
+        data = await self._stage(self._fetcher.fetch(ref), deadline, "fetching the audio", self.config.fetch_timeout_s * 2)
         fetched = time.perf_counter()
-        result = await self.analyze_bytes(data, encoding=ref.encoding, sample_rate_hz=ref.sample_rate_hz, granularity=granularity, embeddings=embeddings)
+        result = await self._analyze_bytes(data, ref.encoding, ref.sample_rate_hz, granularity, embeddings, deadline)
         result.timings_ms["fetch"] = (fetched - started) * 1000
         return result
 
     async def analyze_bytes(self, data: bytes, *, encoding: str | None = None, sample_rate_hz: int | None = None,
                             granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
+        deadline = time.monotonic() + self.config.turn_timeout_s
+        return await self._analyze_bytes(data, encoding, sample_rate_hz, granularity, embeddings, deadline)
+
+    async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
+        return await self._analyze_wave(wave, granularity, embeddings, time.monotonic() + self.config.turn_timeout_s)
+
+    async def _analyze_bytes(self, data, encoding, sample_rate_hz, granularity, embeddings, deadline) -> EmotionResult:
         started = time.perf_counter()
         with self._span("emotion.decode", bytes=len(data)):
-            wave = await self.decode(data, encoding=encoding, sample_rate_hz=sample_rate_hz)
+            if self._decoder is None:
+                self._decoder = concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="emotion-decode")
+            job = asyncio.get_running_loop().run_in_executor(self._decoder, self.decode_sync, data, encoding, sample_rate_hz)
+            wave = await self._stage(job, deadline, "decoding", self.config.decode_timeout_s)
         decoded = time.perf_counter()
-        result = await self.analyze_wave(wave, granularity=granularity, embeddings=embeddings)
+        result = await self._analyze_wave(wave, granularity, embeddings, deadline)
         result.timings_ms["decode"] = (decoded - started) * 1000
         return result
-
-    async def decode(self, data: bytes, *, encoding: str | None = None, sample_rate_hz: int | None = None) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._decoder, self.decode_sync, data, encoding, sample_rate_hz)
-        try:
-            return await asyncio.wait_for(job, self.config.decode_timeout_s)
-        except TimeoutError:
-            raise TimedOut(f"decoding took longer than {self.config.decode_timeout_s:g} s") from None
 
     def decode_sync(self, data: bytes, encoding: str | None = None, sample_rate_hz: int | None = None) -> np.ndarray:
         """Decode within this engine's duration limits (in the calling thread)."""
@@ -216,106 +198,56 @@ class EmotionEngine:
             min_seconds=self.config.min_audio_ms / 1000,
         )
 
-    async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
-        try:
-            await asyncio.wait_for(self.start(), self.config.turn_timeout_s)
-        except TimeoutError:
-            raise TimedOut("the emotion model is still loading") from None
-        clips, spans = self._plan(wave, granularity, embeddings)
+    async def _analyze_wave(self, wave: np.ndarray, granularity: str, embeddings: bool, deadline: float) -> EmotionResult:
+        plan = self._plan(len(wave), granularity)
+        await self._stage(self.start(), deadline, "waiting for the model to load")
         started = time.perf_counter()
         batcher = self._ensure_batcher()
-        timeout = self.config.turn_timeout_s
+        clips = clips_for(wave, plan, embeddings)
         with self._span("emotion.inference", clips=len(clips), audio_seconds=round(len(wave) / SAMPLE_RATE_HZ, 3)):
-            try:
-                outputs = await asyncio.wait_for(asyncio.gather(*(batcher.submit(c, timeout_s=timeout) for c in clips)), timeout)
-            except TimeoutError:
-                raise TimedOut(f"inference took longer than {timeout:g} s") from None
-        result = self._assemble(wave, granularity, spans, outputs, embeddings)
+            left = deadline - time.monotonic()
+            jobs = asyncio.gather(*(batcher.submit(c, timeout_s=left) for c in clips))
+            outputs = await self._stage(jobs, deadline, "running inference")
+        result = assemble(plan, outputs, self.model.head, embeddings=embeddings)
         result.timings_ms["inference"] = (time.perf_counter() - started) * 1000
         return result
 
-    def analyze_waves(self, waves: Sequence[np.ndarray], *, granularity: str = "utterance", embeddings: bool = False) -> list[EmotionResult]:
-        """Synchronous batch analysis (CLI, benchmarks): every clip of every wave in one batched run."""
+    async def _stage(self, job: Awaitable, deadline: float, what: str, limit_s: float = float("inf")):
+        budget = min(limit_s, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(job, max(budget, 0.0))
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            if budget < limit_s:
+                raise TimedOut(f"the turn ran past its {self.config.turn_timeout_s:g} s limit while {what}") from None
+            raise TimedOut(f"{what} took longer than {limit_s:g} s") from None
+
+    def analyze_waves(self, waves: Sequence[np.ndarray], *, granularity: str = "utterance",
+                      embeddings: bool = False) -> list[EmotionResult | EmotionError]:
+        """Synchronous batch analysis (CLI, benchmarks), batched as the micro-batcher does:
+        same length buckets, same cost cap, and a clip that fails fails only its own wave."""
         if self.model is None:
             self.load()
-        plans = [self._plan(w, granularity, embeddings) for w in waves]
-        clips = [c for plan in plans for c in plan[0]]
-        order = sorted(range(len(clips)), key=lambda i: len(clips[i].wave), reverse=True)
+        plans = [self._plan(len(w), granularity) for w in waves]
+        clips = [c for wave, plan in zip(waves, plans) for c in clips_for(wave, plan, embeddings)]
         outputs: list = [None] * len(clips)
-        step = max(1, self.max_batch_size)
-        for start in range(0, len(order), step):
-            idx = order[start : start + step]
-            for i, out in zip(idx, self._run_clips([clips[i] for i in idx])):
+        cost = self.config.max_batch_audio_seconds * SAMPLE_RATE_HZ
+        for idx in plan_batches([len(c.wave) for c in clips], max_batch_size=self.max_batch_size, max_cost=cost):
+            for i, out in zip(idx, run_isolated(self._run_clips, [clips[i] for i in idx], self.stats)):
                 outputs[i] = out
-        results, pos = [], 0
-        for wave, (plan_clips, spans) in zip(waves, plans):
-            results.append(self._assemble(wave, granularity, spans, outputs[pos : pos + len(plan_clips)], embeddings))
-            pos += len(plan_clips)
+        results: list[EmotionResult | EmotionError] = []
+        pos = 0
+        for plan in plans:
+            mine = outputs[pos : pos + len(plan.spans)]
+            pos += len(plan.spans)
+            failed = next((o for o in mine if isinstance(o, EmotionError)), None)
+            results.append(failed or assemble(plan, mine, self.model.head, embeddings=embeddings))
         return results
+
+    def _plan(self, samples: int, granularity: str) -> Plan:
+        c = self.config
+        return plan_turn(samples, granularity, window_s=c.window_seconds, segment_s=c.segment_seconds, segment_hop_s=c.segment_hop_seconds)
 
     def _span(self, name: str, **attributes):
         if self.tracer is None:
             return contextlib.nullcontext()
         return self.tracer.start_as_current_span(name, attributes=attributes)
-
-    def _plan(self, wave: np.ndarray, granularity: str, embeddings: bool) -> tuple[list[_Clip], list[tuple[int, int]]]:
-        if granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-        if granularity == "segment":
-            size, hop = int(self.config.segment_seconds * SAMPLE_RATE_HZ), int(self.config.segment_hop_seconds * SAMPLE_RATE_HZ)
-        else:
-            size = hop = int(self.config.window_seconds * SAMPLE_RATE_HZ)
-        spans = _windows(len(wave), size, hop)
-        frames = granularity == "frame"
-        clips = [_Clip(wave[a:b], frames=frames, embeddings=embeddings or len(spans) > 1) for a, b in spans]
-        return clips, spans
-
-    def _assemble(self, wave, granularity, spans, outputs, embeddings) -> EmotionResult:
-        labels = self.model.labels
-        if len(outputs) == 1:
-            probs, embedding = outputs[0].probs, outputs[0].embedding
-        else:
-            # A long turn is cut into windows; the turn's embedding is the frame-weighted
-            # mean of the windows' embeddings, and the head scores that mean: for one
-            # window this is exactly what the model does for a whole clip.
-            weights = np.array([o.frames for o in outputs], dtype=np.float64)
-            embedding = (np.stack([o.embedding for o in outputs]) * weights[:, None]).sum(0) / weights.sum()
-            probs = self.model.probs_from_embedding(embedding.astype(np.float32))
-        result = _result(labels, probs, len(wave) / SAMPLE_RATE_HZ)
-        if embeddings:
-            result.embedding = embedding
-        if granularity == "frame":
-            result.segments = []
-            for (start, _end), out in zip(spans, outputs):
-                t0 = start / SAMPLE_RATE_HZ
-                for k, frame in enumerate(out.frame_probs):
-                    s = _result(labels, frame, 0.0)
-                    result.segments.append(Segment(t0 + k * FRAME_HOP_S, t0 + (k + 1) * FRAME_HOP_S, s.emotion, s.confidence, s.scores))
-            if embeddings:
-                result.frame_embeddings = np.concatenate([o.frame_embeddings for o in outputs])
-        elif granularity == "segment":
-            result.segments = []
-            for (a, b), out in zip(spans, outputs):
-                s = _result(labels, out.probs, 0.0)
-                result.segments.append(Segment(a / SAMPLE_RATE_HZ, b / SAMPLE_RATE_HZ, s.emotion, s.confidence, s.scores))
-        return result
-
-
-def _result(labels: list[str], probs: np.ndarray, duration_s: float) -> EmotionResult:
-    best = int(np.argmax(probs))
-    return EmotionResult(labels[best], float(probs[best]), {lab: float(p) for lab, p in zip(labels, probs)}, duration_s)
-
-
-def _windows(n: int, size: int, hop: int) -> list[tuple[int, int]]:
-    """Windows of ``size`` samples every ``hop``; a tail under half a window is not scored alone."""
-    if n <= size:
-        return [(0, n)]
-    spans = [(s, s + size) for s in range(0, n - size, hop)]
-    tail_start = spans[-1][0] + hop
-    if (n - tail_start) * 2 >= size:
-        spans.append((tail_start, n))
-    elif hop == size:
-        spans[-1] = (spans[-1][0], n)
-    else:
-        spans.append((n - size, n))
-    return spans

@@ -11,7 +11,8 @@
     ├── ModelUnavailable      not loaded, failed to load, bad ckpt    model_unavailable
     ├── InferenceFailed       the forward pass failed (e.g. OOM)      inference_failed
     ├── Overloaded            the inference queue is full            overloaded
-    ├── TimedOut              a stage ran past its time limit         timeout
+    ├── TimedOut              the turn ran past its time limit        timeout
+    ├── BadResult             metadata.emotion is not a valid result  bad_result
     └── ConfigError           bad settings or rules file              bad_config
 """
 
@@ -73,5 +74,15 @@ class TimedOut(EmotionError):
     code = "timeout"
 
 
+class BadResult(EmotionError):
+    code = "bad_result"
+
+
 class ConfigError(EmotionError):
     code = "bad_config"
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -15,9 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
-from emotion.errors import InferenceFailed, ModelUnavailable
+from emotion.errors import InferenceFailed, ModelUnavailable, first_line
+from emotion.windows import Head
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:  # torch < 2.5; the engine turns this into ModelUnavailable naming the version
+    raise ImportError(f"torch {torch.__version__} is too old: emotion2vec-rasa needs torch >= 2.5 (FlexAttention)") from None
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class EmotionModel:
     """One emotion2vec checkpoint, resident on one device, answering padded batches."""
 
-    def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto") -> None:
+    def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto",
+                 labels: tuple[str, ...] = ()) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         auto = _build_automodel(model, hub, self.device)
@@ -79,8 +85,17 @@ class EmotionModel:
         # FunASR hides labels named 'unuse*' (the 4-class seed model pads its head with them).
         self._keep = [i for i, t in enumerate(tokens) if not t.startswith("unuse")]
         self.labels = [english_label(tokens[i]) for i in self._keep]
+        if labels:
+            # Scores renormalised over the labels an application uses: a softmax over their
+            # logits alone (emotion2vec issue #41).
+            missing = [lab for lab in labels if lab not in self.labels]
+            if missing:
+                raise ModelUnavailable(f"{model}: EMOTION_LABELS names {missing}, which this model lacks (it has {self.labels})")
+            self._keep = [i for i, lab in zip(self._keep, self.labels) if lab in labels]
+            self.labels = [lab for lab in self.labels if lab in labels]
         self.embed_dim = int(self.net.cfg.get("embed_dim"))
         self._lock = threading.Lock()
+        self._head: Head | None = None
         self._sample_pad: torch.Tensor | None = None
         self._frame_keep: torch.Tensor | None = None
         _check_checkpoint(self.net, auto.kwargs.get("init_param"), model)
@@ -149,7 +164,7 @@ class EmotionModel:
             except torch.cuda.OutOfMemoryError as exc:
                 raise InferenceFailed(f"GPU out of memory on a batch of {len(waves)} clips") from exc
             except RuntimeError as exc:
-                raise InferenceFailed(f"inference failed: {str(exc).splitlines()[0][:200]}") from exc
+                raise InferenceFailed(f"inference failed: {first_line(exc)}") from exc
             finally:
                 self._sample_pad = self._frame_keep = None
                 self._trim_alibi_cache()
@@ -199,10 +214,18 @@ class EmotionModel:
             )
         return results
 
-    def probs_from_embedding(self, embedding: np.ndarray) -> np.ndarray:
-        """Apply the classification head to a pooled embedding (used to aggregate windows)."""
-        with torch.inference_mode():
-            return self._probs(torch.from_numpy(embedding).to(self.device)).cpu().numpy()
+    @property
+    def head(self) -> Head:
+        """The classification head on the host, so long turns are aggregated without
+        touching the device (and without waiting behind the batch in flight)."""
+        if self._head is None:
+            proj = self.net.proj
+            self._head = Head(
+                tuple(self.labels),
+                proj.weight.detach().float().cpu().numpy()[self._keep],
+                proj.bias.detach().float().cpu().numpy()[self._keep],
+            )
+        return self._head
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.net.proj.weight.float(), self.net.proj.bias.float())
@@ -284,7 +307,7 @@ def _build_automodel(model: str, hub: str, device: torch.device):
     except ModelUnavailable:
         raise
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {first_line(exc, 300)}"
         if not Path(model).exists():
             # FunASR reports a failed download as an unregistered model; say what to do.
             raise ModelUnavailable(
@@ -306,7 +329,7 @@ def _check_checkpoint(net: torch.nn.Module, path: str | None, model: str) -> Non
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise ModelUnavailable(f"{model}: model.pt is unreadable: {str(exc).splitlines()[0][:200]}") from exc
+        raise ModelUnavailable(f"{model}: model.pt is unreadable: {first_line(exc)}") from exc
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -1,4 +1,4 @@
-"""The Rasa glue: two actions and the action-server extensions (readiness, metrics).
+"""The Rasa glue: two actions and the action-server plugin (analysis API, readiness, metrics).
 
 Importing this module from a bot's own ``actions`` package is all it takes: rasa-sdk
 registers every imported ``Action`` subclass, and the plugin below attaches to the
@@ -17,37 +17,106 @@ from rasa_sdk.executor import CollectingDispatcher
 from rasa_sdk.plugin import plugin_manager
 from sanic import response
 
-from emotion import metrics
-from emotion.config import EngineConfig
+from emotion import api, metrics
+from emotion.config import LABELS, EngineConfig, ServerConfig
 from emotion.engine import EmotionEngine
 from emotion.errors import ConfigError, EmotionError
-from emotion.rules import Turn, evaluate_rules, load_rules
+from emotion.rules import EscalationRule, Turn, evaluate_rules, load_rules
 from emotion.sources import parse_audio_ref
+from emotion.windows import EmotionResult, result_from_metadata
 
 log = logging.getLogger(__name__)
 
 ANALYZE_ACTION = "action_analyze_emotion"
 HANDOFF_ACTION = "action_handoff_to_human"
-
-# One engine per process: rasa-sdk pickles action instances into every Sanic worker, so
-# the model must not live on them.
-_engine: EmotionEngine | None = None
-_rules = None
+_hookimpl = pluggy.HookimplMarker("rasa_sdk")
 
 
-def get_engine() -> EmotionEngine:
-    global _engine, _rules
-    if _engine is None:
-        config = EngineConfig.from_env()
-        _rules = load_rules(config.rules_path, history_turns=config.history_turns)
-        _engine = EmotionEngine(config)
-        _engine.on_batch = metrics.record_batch
-        metrics.QUEUE_DEPTH.set_function(lambda: _engine.status()["queue_depth"])
-    return _engine
+class EmotionPlugin:
+    """Owns this process's engine, rules and settings, read from the environment once.
+
+    One per process: rasa-sdk pickles action instances into every Sanic worker, so the
+    model must not live on them; the actions reach it through ``PLUGIN``.
+    """
+
+    def __init__(self) -> None:
+        self._engine: EmotionEngine | None = None
+        self.config: ServerConfig | None = None
+        self.rules: list[EscalationRule] = []
+
+    @property
+    def engine(self) -> EmotionEngine:
+        if self._engine is None:
+            engine_config, config = EngineConfig.from_env(), ServerConfig.from_env()
+            self.rules = load_rules(config.rules_path, history_turns=config.history_turns, labels=engine_config.labels or LABELS)
+            self.config = config
+            self._engine = EmotionEngine(engine_config)
+            self._engine.on_batch = metrics.record_batch
+            metrics.QUEUE_DEPTH.set_function(lambda: self._engine.status()["queue_depth"])
+        return self._engine
+
+    @_hookimpl
+    def attach_sanic_app_extensions(self, app) -> None:
+        app.register_listener(self._before_start, "before_server_start")
+        app.register_listener(self._after_stop, "after_server_stop")
+        app.add_route(self._ready, "/ready", methods=["GET"], name="emotion_ready")
+        app.add_route(self._metrics, "/metrics", methods=["GET"], name="emotion_metrics")
+        api.add_routes(app, self.settings)
+
+    def settings(self) -> tuple[EmotionEngine, ServerConfig]:
+        engine = self.engine  # reads the settings on first use
+        return engine, self.config
+
+    async def _before_start(self, app, _loop) -> None:
+        try:
+            engine = self.engine
+        except ConfigError as exc:
+            # Settings and rules are the operator's: refuse to start rather than run with a guess.
+            log.critical("invalid emotion configuration: %s", exc.message)
+            raise RuntimeError(f"invalid emotion configuration: {exc.message}") from None
+        # rasa-sdk builds its tracer provider from endpoints.yml in an earlier listener.
+        provider = getattr(app.ctx, "tracer_provider", None)
+        if provider is not None:
+            engine.tracer = provider.get_tracer("emotion")
+        if self.config.fail_fast:
+            try:
+                await engine.start()
+            except EmotionError as exc:
+                log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
+                raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
+            metrics.MODEL_READY.set(1)
+        else:
+            app.add_task(self._load_in_background(engine), name="emotion_load")
+
+    @staticmethod
+    async def _load_in_background(engine: EmotionEngine) -> None:
+        try:
+            await engine.start()
+            metrics.MODEL_READY.set(1)
+        except EmotionError as exc:
+            # Turns get emotion_error and /ready says why; the bot keeps talking.
+            log.error("emotion model failed to load: %s", exc.message)
+
+    async def _after_stop(self, app, _loop) -> None:
+        if self._engine is not None:
+            await self._engine.close()
+
+    async def _ready(self, _request):
+        status = self.engine.status()
+        return response.json(status, status=200 if status["ready"] else 503)
+
+    async def _metrics(self, _request):
+        if not self.settings()[1].metrics:
+            return response.json({"error": "metrics are off (EMOTION_METRICS=false)"}, status=404)
+        return response.raw(metrics.generate_latest(), content_type=metrics.CONTENT_TYPE_LATEST)
+
+
+PLUGIN = EmotionPlugin()
 
 
 class ActionAnalyzeEmotion(Action):
-    """Tags the latest user turn with an emotion when its metadata carries audio.
+    """Tags the latest user turn with an emotion: from ``metadata.emotion`` when the
+    gateway or ``EmotionRestInput`` analysed it already, else from ``metadata.audio``.
 
     Runs as the custom mapping action of the emotion slots, so Rasa calls it after every
     user message; it returns only SlotSet events, which is all Rasa keeps there.
@@ -58,43 +127,67 @@ class ActionAnalyzeEmotion(Action):
 
     async def run(self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: dict[str, Any]) -> list[dict[str, Any]]:
         message = tracker.latest_message or {}
-        audio = (message.get("metadata") or {}).get("audio")
-        if audio is None:
+        metadata = message.get("metadata") or {}
+        if "emotion" not in metadata and "audio" not in metadata:
             metrics.TURNS.labels("no_audio").inc()
             return []
         try:
-            engine = get_engine()
-            result = await engine.analyze_ref(parse_audio_ref(audio))
+            engine = PLUGIN.engine
+            if "emotion" in metadata:
+                result = result_from_metadata(metadata["emotion"], engine.labels)
+            else:
+                result = await engine.analyze_ref(parse_audio_ref(metadata["audio"]))
         except EmotionError as exc:
             return _failed(tracker, exc.code, exc.message)
         except Exception:  # a bug must cost this turn its tag, never the conversation
             log.exception("conversation=%s emotion analysis crashed", tracker.sender_id)
             return _failed(tracker, "internal", "internal error while analysing the audio")
+        return _tagged(tracker, message, result)
 
-        config = engine.config
-        history = [t for t in map(Turn.from_dict, tracker.get_slot("emotion_history") or []) if t]
-        history.append(Turn(result.emotion, result.confidence))
-        decision = evaluate_rules(history, _rules, message.get("text"))
-        if decision.escalate:
-            history[-1] = Turn(result.emotion, result.confidence, decision.rule)
-            metrics.ESCALATIONS.labels(decision.rule).inc()
-        metrics.TURNS.labels("tagged").inc()
-        metrics.record_timings(result.timings_ms)
-        log.info(
-            "conversation=%s emotion=%s confidence=%.3f duration_s=%.2f escalate=%s timings_ms=%s%s",
-            tracker.sender_id, result.emotion, result.confidence, result.duration_s, decision.rule,
-            {k: round(v, 1) for k, v in result.timings_ms.items()},
-            f" text={message.get('text')!r}" if config.log_text else "",
-        )
-        return [
-            SlotSet("emotion", result.emotion),
-            SlotSet("emotion_confidence", round(result.confidence, 4)),
-            SlotSet("emotion_scores", {k: round(v, 4) for k, v in result.scores.items()}),
-            SlotSet("emotion_history", [t.as_dict() for t in history[-config.history_turns :]]),
-            SlotSet("emotion_error", None),
-            SlotSet("escalate", decision.escalate),
-            SlotSet("escalation_reason", decision.reason),
-        ]
+
+def _tagged(tracker: Tracker, message: dict, result: EmotionResult) -> list[dict[str, Any]]:
+    config = PLUGIN.config
+    history = [t for t in map(Turn.from_dict, session_history(tracker)) if t]
+    history.append(Turn(result.emotion, result.confidence))
+    intent = (message.get("intent") or {}).get("name")
+    decision = evaluate_rules(history, PLUGIN.rules, message.get("text"), intent=intent, channel=tracker.get_latest_input_channel())
+    if decision.escalate:
+        history[-1] = Turn(result.emotion, result.confidence, decision.rule)
+        metrics.ESCALATIONS.labels(decision.rule).inc()
+    metrics.TURNS.labels("tagged").inc()
+    metrics.record_timings(result.timings_ms)
+    log.info(
+        "conversation=%s emotion=%s confidence=%.3f duration_s=%.2f escalate=%s timings_ms=%s%s",
+        tracker.sender_id, result.emotion, result.confidence, result.duration_s, decision.rule,
+        {k: round(v, 1) for k, v in result.timings_ms.items()},
+        f" text={message.get('text')!r}" if config.log_text else "",
+    )
+    return [
+        SlotSet("emotion", result.emotion),
+        SlotSet("emotion_confidence", round(result.confidence, 4)),
+        SlotSet("emotion_scores", {k: round(v, 4) for k, v in result.scores.items()}),
+        SlotSet("emotion_history", [t.as_dict() for t in history[-config.history_turns :]]),
+        SlotSet("emotion_error", None),
+        SlotSet("escalate", decision.escalate),
+        SlotSet("escalation_reason", decision.reason),
+    ]
+
+
+def session_history(tracker: Tracker) -> list:
+    """``emotion_history`` as this session wrote it. Slots a bot carries over into a new
+    session are set again right after ``session_started``, before the caller speaks; those
+    belong to an earlier call, so this session's history starts empty."""
+    events = tracker.events or []
+    starts = [i for i, e in enumerate(events) if e.get("event") == "session_started"]
+    if not starts:  # no session events sent: trust the slot
+        return tracker.get_slot("emotion_history") or []
+    history: list = []
+    spoken = False
+    for e in events[starts[-1]:]:
+        spoken = spoken or e.get("event") == "user"
+        if spoken and e.get("event") == "slot" and e.get("name") == "emotion_history":
+            history = e.get("value") or []
+    return history
 
 
 def _failed(tracker: Tracker, code: str, message: str) -> list[dict[str, Any]]:
@@ -108,6 +201,7 @@ def _failed(tracker: Tracker, code: str, message: str) -> list[dict[str, Any]]:
         SlotSet("emotion_scores", None),
         SlotSet("emotion_error", f"[{code}] {message}"),
         SlotSet("escalate", False),
+        SlotSet("escalation_reason", None),
     ]
 
 
@@ -138,71 +232,10 @@ class ActionHandoffToHuman(Action):
         return [SlotSet("escalate", False), ConversationPaused()]
 
 
-# -- action-server extensions -------------------------------------------------------
-
-_hookimpl = pluggy.HookimplMarker("rasa_sdk")
-
-
-class _ServerExtensions:
-    @_hookimpl
-    def attach_sanic_app_extensions(self, app) -> None:
-        app.register_listener(_before_start, "before_server_start")
-        app.register_listener(_after_stop, "after_server_stop")
-        app.add_route(_ready, "/ready", methods=["GET"], name="emotion_ready")
-        app.add_route(_metrics, "/metrics", methods=["GET"], name="emotion_metrics")
-
-
-async def _before_start(app, _loop) -> None:
-    try:
-        engine = get_engine()
-    except ConfigError as exc:
-        # Settings and rules are the operator's: refuse to start rather than run with a guess.
-        log.critical("invalid emotion configuration: %s", exc.message)
-        raise RuntimeError(f"invalid emotion configuration: {exc.message}") from None
-    # rasa-sdk builds its tracer provider from endpoints.yml in an earlier listener.
-    provider = getattr(app.ctx, "tracer_provider", None)
-    if provider is not None:
-        engine.tracer = provider.get_tracer("emotion")
-    if engine.config.fail_fast:
-        try:
-            await engine.start()
-        except EmotionError as exc:
-            log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
-            raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
-        metrics.MODEL_READY.set(1)
-    else:
-        app.add_task(_load_in_background(engine), name="emotion_load")
-
-
-async def _load_in_background(engine: EmotionEngine) -> None:
-    try:
-        await engine.start()
-        metrics.MODEL_READY.set(1)
-    except EmotionError as exc:
-        # Turns get emotion_error and /ready says why; the bot keeps talking.
-        log.error("emotion model failed to load: %s", exc.message)
-
-
-async def _after_stop(app, _loop) -> None:
-    if _engine is not None:
-        await _engine.close()
-
-
-async def _ready(_request):
-    status = get_engine().status()
-    return response.json(status, status=200 if status["ready"] else 503)
-
-
-async def _metrics(_request):
-    if not get_engine().config.metrics:
-        return response.json({"error": "metrics are off (EMOTION_METRICS=false)"}, status=404)
-    return response.raw(metrics.generate_latest(), content_type=metrics.CONTENT_TYPE_LATEST)
-
-
-def _register_extensions() -> None:
+def _register() -> None:
     manager = plugin_manager()
     if not manager.has_plugin("emotion"):
-        manager.register(_ServerExtensions(), name="emotion")
+        manager.register(PLUGIN, name="emotion")
 
 
-_register_extensions()
+_register()

@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
+from emotion.config import LABELS
 from emotion.errors import ConfigError
 
-LABELS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
 DEFAULT_RULES_YAML = """\
 rules:
   - name: angry_caller
@@ -20,7 +20,8 @@ rules:
     min_confidence: 0.7
     cooldown_turns: 10
 """
-_RULE_KEYS = {"name", "emotions", "min_confidence", "consecutive_turns", "at_least", "text_contains", "cooldown_turns"}
+_RULE_KEYS = {"name", "emotions", "min_confidence", "consecutive_turns", "at_least", "text_contains", "cooldown_turns",
+              "intents", "channels"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class EscalationRule:
     at_least: tuple[int, int] | None = None  # (K turns, of the last N)
     text_contains: tuple[str, ...] = ()
     cooldown_turns: int = 0
+    intents: frozenset[str] = frozenset()  # empty: any intent
+    channels: frozenset[str] = frozenset()  # empty: any input channel
 
     def matches(self, turn: Turn) -> bool:
         return turn.emotion in self.emotions and turn.confidence >= self.min_confidence
@@ -63,14 +66,16 @@ class Decision:
     reason: str | None = None
 
 
-def evaluate_rules(history: Sequence[Turn], rules: Sequence[EscalationRule], text: str | None = None) -> Decision:
+def evaluate_rules(history: Sequence[Turn], rules: Sequence[EscalationRule], text: str | None = None, *,
+                   intent: str | None = None, channel: str | None = None) -> Decision:
     """Decide on the last turn of ``history`` (oldest first). The first rule that fires wins."""
     if not history:
         return Decision(False)
     current = history[-1]
-    words = set(re.findall(r"\w+", (text or "").lower()))
     for rule in rules:
         if not rule.matches(current):
+            continue
+        if (rule.intents and intent not in rule.intents) or (rule.channels and channel not in rule.channels):
             continue
         if rule.cooldown_turns and any(t.escalated for t in history[-1 - rule.cooldown_turns : -1]):
             continue
@@ -81,7 +86,7 @@ def evaluate_rules(history: Sequence[Turn], rules: Sequence[EscalationRule], tex
             k, n = rule.at_least
             if sum(rule.matches(t) for t in history[-n:]) < k:
                 continue
-        if rule.text_contains and not any(_phrase_in(p, text or "", words) for p in rule.text_contains):
+        if rule.text_contains and not any(phrase_in(p, text or "") for p in rule.text_contains):
             continue
         reason = f"{rule.name}: {current.emotion} {current.confidence:.2f} >= {rule.min_confidence:.2f}"
         if rule.consecutive_turns > 1:
@@ -92,14 +97,25 @@ def evaluate_rules(history: Sequence[Turn], rules: Sequence[EscalationRule], tex
     return Decision(False)
 
 
-def _phrase_in(phrase: str, text: str, words: set[str]) -> bool:
-    phrase = phrase.lower()
-    if " " in phrase:
-        return re.search(r"\b" + re.escape(phrase) + r"\b", text.lower()) is not None
-    return phrase in words
+# Scripts written without spaces between words: a keyword there is matched as a substring.
+_UNSEGMENTED = re.compile(r"[\u0e00-\u0eff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
-def load_rules(source: str | Path | None, *, history_turns: int = 20) -> list[EscalationRule]:
+def phrase_in(phrase: str, text: str) -> bool:
+    """Whether ``text`` holds ``phrase``: as whole words (any case, punctuation inside the
+    phrase kept, so "don't" and "e-mail" match), or as a substring for Chinese, Japanese
+    and Thai."""
+    phrase, text = _fold(phrase), _fold(text)
+    if _UNSEGMENTED.search(phrase):
+        return phrase in text
+    return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.replace("\u2019", "'").casefold().split())
+
+
+def load_rules(source: str | Path | None, *, history_turns: int = 20, labels: Sequence[str] = LABELS) -> list[EscalationRule]:
     """Read rules from a YAML file (``None``: the shipped default). Errors name the line."""
     if source is None:
         text, where = DEFAULT_RULES_YAML, "default rules"
@@ -108,10 +124,10 @@ def load_rules(source: str | Path | None, *, history_turns: int = 20) -> list[Es
             text, where = Path(source).read_text(encoding="utf-8"), str(source)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read rules file {source}: {exc}") from None
-    return parse_rules(text, where=where, history_turns=history_turns)
+    return parse_rules(text, where=where, history_turns=history_turns, labels=labels)
 
 
-def parse_rules(text: str, *, where: str = "rules", history_turns: int = 20) -> list[EscalationRule]:
+def parse_rules(text: str, *, where: str = "rules", history_turns: int = 20, labels: Sequence[str] = LABELS) -> list[EscalationRule]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -126,7 +142,7 @@ def parse_rules(text: str, *, where: str = "rules", history_turns: int = 20) -> 
     for raw, node in zip(data["rules"], nodes["rules"].value):
         line = node.start_mark.line + 1
         try:
-            rule = _rule(raw, history_turns)
+            rule = _rule(raw, history_turns, labels)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}, line {line}: {exc}") from None
         if rule.name in names:
@@ -136,7 +152,7 @@ def parse_rules(text: str, *, where: str = "rules", history_turns: int = 20) -> 
     return rules
 
 
-def _rule(raw: Any, history_turns: int) -> EscalationRule:
+def _rule(raw: Any, history_turns: int, labels: Sequence[str]) -> EscalationRule:
     if not isinstance(raw, dict):
         raise ValueError("each rule must be a mapping")
     unknown = set(raw) - _RULE_KEYS
@@ -150,9 +166,9 @@ def _rule(raw: Any, history_turns: int) -> EscalationRule:
         emotions = [emotions]
     if not isinstance(emotions, list) or not emotions or not all(isinstance(e, str) for e in emotions):
         raise ValueError(f"rule {name!r}: 'emotions' must be a label or a list of labels")
-    bad = [e for e in emotions if e not in LABELS]
+    bad = [e for e in emotions if e not in labels]
     if bad:
-        raise ValueError(f"rule {name!r}: unknown emotion(s) {bad}; expected some of {', '.join(LABELS)}")
+        raise ValueError(f"rule {name!r}: unknown emotion(s) {bad}; expected some of {', '.join(labels)}")
     conf = raw.get("min_confidence", 0.0)
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.0 <= conf <= 1.0:
         raise ValueError(f"rule {name!r}: 'min_confidence' must be a number in [0, 1]")
@@ -166,11 +182,7 @@ def _rule(raw: Any, history_turns: int) -> EscalationRule:
         if k > n:
             raise ValueError(f"rule {name!r}: at_least.turns ({k}) is more than of_last ({n})")
         at_least = (k, n)
-    words = raw.get("text_contains", [])
-    if isinstance(words, str):
-        words = [words]
-    if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
-        raise ValueError(f"rule {name!r}: 'text_contains' must be a word or a list of words")
+    words = _strings(raw, "text_contains", name)
     cooldown = raw.get("cooldown_turns", 0)
     if cooldown != 0:
         cooldown = _count(cooldown, "cooldown_turns", name, history_turns - 1)
@@ -180,9 +192,20 @@ def _rule(raw: Any, history_turns: int) -> EscalationRule:
         min_confidence=float(conf),
         consecutive_turns=consecutive,
         at_least=at_least,
-        text_contains=tuple(w.strip() for w in words),
+        text_contains=tuple(words),
         cooldown_turns=cooldown,
+        intents=frozenset(_strings(raw, "intents", name)),
+        channels=frozenset(_strings(raw, "channels", name)),
     )
+
+
+def _strings(raw: dict, key: str, name: str) -> list[str]:
+    value = raw.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"rule {name!r}: {key!r} must be a string or a list of non-empty strings")
+    return [v.strip() for v in value]
 
 
 def _count(value: Any, key: str, name: str, limit: int) -> int:

@@ -23,6 +23,17 @@ fi
 if [ "${1:-}" = "--test" ]; then
     "${pip[@]}" -e '.[test]'
     [ -x .rasa-venv/bin/rasa ] || scripts/install-rasa-oss.sh .rasa-venv
+    # The engine's torch-free parts, on the lowest Python we support.
+    if [ ! -x .venv310/bin/python ]; then
+        py310=${PYTHON310:-}
+        for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10 python3.10; do
+            [ -z "$py310" ] && "$candidate" -c "" 2>/dev/null && py310=$candidate
+        done
+        [ -n "$py310" ] || { echo "Python 3.10 is needed for the tests (set PYTHON310)" >&2; exit 1; }
+        "$py310" -m venv .venv310
+        .venv310/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+        .venv310/bin/python -m pip install -q --disable-pip-version-check numpy soundfile soxr httpx pyyaml pytest hypothesis
+    fi
 else
     "${pip[@]}" -e '.[plot]'
 fi

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh --test) and runs lint and the whole test suite, the real-Rasa
-# end-to-end test included. Extra arguments go to pytest.
+# end-to-end test included, then the torch-free tests again on Python 3.10 (the Python of
+# Rasa Open Source 3.6 and its rasa-sdk images). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 .venv/bin/ruff check emotion actions tests domain_snippets bench
 .venv/bin/python -m pytest "$@"
+.venv310/bin/python -m pytest -m "not model" "$@" tests/test_audio.py tests/test_sources.py tests/test_batching.py \
+    tests/test_rules.py tests/test_config.py

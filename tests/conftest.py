@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from emotion.audio import encode_audio as encode  # noqa: F401  (tests import it from here)
-from emotion.checkpoint import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16_000
@@ -48,6 +47,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_MODEL_FIXTURES = {"models", "tiny_model", "server", "bot", "action_server", "start_action_server", "engine"}
+
+
+def pytest_collection_modifyitems(items):
+    # The torch-free parts (audio, sources, batching, rules, config) also run on Python
+    # 3.10 without torch: `-m "not model"` leaves out every test that loads a model.
+    for item in items:
+        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """Checkpoint directories by name, made once per session."""
@@ -55,6 +65,8 @@ def models(tmp_path_factory):
     made: dict[str, Path] = {}
 
     def get(name: str = "random", **head: float) -> Path:
+        from emotion.checkpoint import write_checkpoint  # torch: only tests that need a model
+
         if name not in made:
             made[name] = write_checkpoint(root / name, size="tiny", head_probs=head or None, seed=len(made))
         return made[name]

@@ -139,7 +139,7 @@ def test_concurrent_turns_through_the_batcher_match_one_by_one(tiny_model):
 
     async def main():
         results = await asyncio.gather(*(engine.analyze_wave(w) for w in waves))
-        stats = engine._batcher.stats
+        stats = engine.stats
         await engine.close()
         return results, stats
 
@@ -159,3 +159,32 @@ def test_config_rejects_bad_batch_sizes(bad):
         return
     with pytest.raises(ConfigError, match=r"max_batch_size=.*\[0, 1024\]"):
         EngineConfig(max_batch_size=bad)
+
+
+def test_plan_batches_groups_by_length_within_size_and_cost():
+    from emotion.batching import plan_batches
+
+    sizes = [1, 10, 2, 9, 1, 10, 3, 8]
+    batches = plan_batches(sizes, max_batch_size=3, max_cost=25)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:
+        lengths = [sizes[i] for i in b]
+        assert len(b) <= 3 and max(lengths) <= 2 * min(lengths) and len(b) * max(lengths) <= 25
+    assert plan_batches([], max_batch_size=4) == []
+
+
+def test_close_answers_items_already_taken_off_the_queue():
+    """A batch being assembled (or run) when the engine shuts down: its callers get an
+    answer instead of waiting forever."""
+    rec = Recorder(delay_s=0.3)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=200)
+        waiting = [asyncio.create_task(b.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.05)  # taken off the queue, the batch still open for more
+        assert b.depth == 0
+        await b.close()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 2)
+
+    out = run(main())
+    assert all(isinstance(o, Overloaded) and "shutting down" in str(o) for o in out)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emotion.config import EngineConfig
+from emotion.config import EngineConfig, ServerConfig
 from emotion.errors import ConfigError
 
 
@@ -13,22 +13,27 @@ def test_from_env_parses_every_kind():
         "UNRELATED": "x",
     })
     assert config.model == "iic/emotion2vec_plus_base"
-    assert (config.max_batch_size, config.max_wait_ms, config.fail_fast) == (16, 2.5, True)
+    assert (config.max_batch_size, config.max_wait_ms) == (16, 2.5)
     assert config.url_allow == ("recordings.example.com", "10.1.0.0/16")
     hosts, nets = config.allow_networks()
     assert hosts == {"recordings.example.com"} and [str(n) for n in nets] == ["10.1.0.0/16"]
-    assert config.rules_path == "/etc/rules.yml" and config.device == "cuda:1"
+    assert config.device == "cuda:1"
+    server = ServerConfig.from_env({"EMOTION_RULES": "/etc/rules.yml", "EMOTION_FAIL_FAST": "yes", "EMOTION_API_TOKEN": "s3cret"})
+    assert (server.rules_path, server.fail_fast, server.api_token) == ("/etc/rules.yml", True, "s3cret")
 
 
 def test_defaults():
     config = EngineConfig.from_env({})
     assert config.model == "iic/emotion2vec_plus_large" and config.device == "auto" and config.audio_root is None
-    assert config.url_allow == () and config.history_turns == 20
+    assert config.url_allow == () and config.labels == ()
+    assert ServerConfig.from_env({}).history_turns == 20
 
 
 @pytest.mark.parametrize("env,message", [
     ({"EMOTION_MAX_BATCH": "many"}, "EMOTION_MAX_BATCH='many': expected a whole number"),
-    ({"EMOTION_FAIL_FAST": "perhaps"}, "EMOTION_FAIL_FAST='perhaps': expected true or false"),
+    ({"EMOTION_WARMUP": "perhaps"}, "EMOTION_WARMUP='perhaps': expected true or false"),
+    ({"EMOTION_LABELS": "angry,furious"}, "labels=angry,furious: expected two or more of angry"),
+    ({"EMOTION_LABELS": "angry"}, "labels=angry: expected two or more"),
     ({"EMOTION_MAX_WAIT_MS": "5000"}, r"max_wait_ms=5000.0: expected a value in \[0, 1000\]"),
     ({"EMOTION_DEVICE": "tpu"}, "device='tpu': expected auto, cpu, cuda or cuda:N"),
     ({"EMOTION_DTYPE": "int8"}, "dtype='int8': expected one of"),

@@ -1,14 +1,16 @@
 """The engine: long turns windowed, segments, frames, embeddings, timings, tracing spans."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 from conftest import encode, speech_like
 
 from emotion.config import EngineConfig
-from emotion.engine import EmotionEngine, _windows
+from emotion.engine import EmotionEngine
 from emotion.errors import ConfigError, InvalidAudio, TimedOut
+from emotion.windows import split
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +25,12 @@ def engine(tiny_model):
     (23, 10, 10, [(0, 10), (10, 23)]),
     (7, 3, 1.5, None),
 ])
-def test_windows(n, size, hop, expected):
+def testsplit(n, size, hop, expected):
     if expected is None:
-        spans = _windows(70, 30, 15)
+        spans = split(70, 30, 15)
         assert spans == [(0, 30), (15, 45), (30, 60), (45, 70)]
         return
-    assert _windows(n, size, hop) == expected
+    assert split(n, size, hop) == expected
 
 
 def test_long_turn_is_windowed_and_aggregated(engine):
@@ -39,7 +41,7 @@ def test_long_turn_is_windowed_and_aggregated(engine):
     frames = np.array([o.frames for o in outs])
     mean = (np.stack([o.embedding for o in outs]) * frames[:, None]).sum(0) / frames.sum()
     assert np.abs(result.embedding - mean).max() < 1e-5
-    expected = engine.model.probs_from_embedding(mean.astype(np.float32))
+    expected = engine.model.head.probs(mean.astype(np.float32))
     assert np.abs(np.array(list(result.scores.values())) - expected).max() < 1e-5
     assert result.duration_s == 25.0
 
@@ -102,7 +104,7 @@ def test_inference_time_limit(tiny_model):
         real = engine.model.forward
         engine.model.forward = lambda *a, **k: (__import__("time").sleep(0.5), real(*a, **k))[1]
         try:
-            with pytest.raises(TimedOut, match="inference took longer"):
+            with pytest.raises(TimedOut, match="ran past its 0.1 s limit while running inference"):
                 await engine.analyze_wave(speech_like(1.0))
         finally:
             engine.model.forward = real
@@ -130,7 +132,7 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
 
     async def main():
         out = await asyncio.gather(*(engine.analyze_wave(w) for w in waves), return_exceptions=True)
-        stats = engine._batcher.stats
+        stats = engine.stats
         await engine.close()
         return out, stats
 
@@ -163,3 +165,123 @@ def test_warmup_covers_the_shapes_a_batching_engine_will_see(tiny_model, monkeyp
     assert max(len(s) for s in padded) == 8
     widest = max(padded, key=max)
     assert min(widest) == 1.0 and max(widest) == 10.0 and len(widest) * max(widest) <= 40.0
+
+
+def test_segment_headline_is_the_utterance_result(engine):
+    wave = speech_like(7.0, seed=6)
+    utterance, segment = engine.analyze_waves([wave])[0], engine.analyze_waves([wave], granularity="segment")[0]
+    assert segment.emotion == utterance.emotion
+    assert max(abs(segment.scores[k] - v) for k, v in utterance.scores.items()) < 1e-6
+    assert len(segment.segments) == 4
+
+
+def test_long_turns_are_aggregated_on_the_host_while_a_batch_runs(engine):
+    """The head is applied in numpy: aggregating a long turn's windows needs neither the
+    device nor the model's lock, which a batch in flight holds."""
+    import torch
+
+    from emotion.windows import assemble, clips_for
+
+    x = np.random.default_rng(0).standard_normal((5, engine.model.embed_dim)).astype(np.float32)
+    with torch.inference_mode():
+        expected = engine.model._probs(torch.from_numpy(x)).numpy()
+    assert np.abs(engine.model.head.probs(x) - expected).max() < 1e-6
+
+    wave = speech_like(25.0, seed=4)
+    plan = engine._plan(len(wave), "utterance")
+    outputs = engine.model.forward([c.wave for c in clips_for(wave, plan, False)], embeddings=True)
+    with engine.model._lock:  # as while the inference thread runs a batch
+        result = assemble(plan, outputs, engine.model.head)
+    (reference,) = engine.analyze_waves([wave])
+    assert result.scores == pytest.approx(reference.scores, abs=1e-6)
+
+
+def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
+    """Same cost cap, same length rule, and a clip that fails fails only its own file."""
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=64,
+                                        max_batch_audio_seconds=12.0)).load()
+    seen = []
+    real = engine.model.forward
+
+    def recording(waves, **kwargs):
+        seen.append([len(w) / 16000 for w in waves])
+        if any(len(w) == 16000 * 3 + 7 for w in waves):
+            raise RuntimeError("poisoned clip")
+        return real(waves, **kwargs)
+
+    engine.model.forward = recording
+    waves = [speech_like(s, seed=i) for i, s in enumerate([1.0, 1.5, 2.0, 4.0, 6.0, 1.2])]
+    waves.insert(3, np.concatenate([speech_like(3.0, seed=9), np.zeros(7, np.float32)]))  # the poisoned one
+    results = engine.analyze_waves(waves)
+    from emotion.errors import InferenceFailed
+
+    assert isinstance(results[3], InferenceFailed) and "poisoned" in results[3].message
+    assert all(not isinstance(r, Exception) for i, r in enumerate(results) if i != 3)
+    for batch in seen:
+        assert len(batch) * max(batch) <= 12.0 and max(batch) <= 2 * min(batch)
+
+
+def test_one_deadline_for_the_whole_turn(tiny_model, http_server):
+    """Fetch, decode, load and inference share EMOTION_TURN_TIMEOUT_S: a slow audio URL
+    within its own fetch limit still cannot hold the turn past the turn's limit."""
+    from emotion.sources import AudioRef
+
+    http_server.routes["/slow.wav"] = (200, {"Content-Length": "100000"}, lambda w: (w.write(b"RIFF"), w.flush(), time.sleep(4)))
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, url_allow=("127.0.0.1",),
+                                        fetch_timeout_s=3.0, turn_timeout_s=1.0))
+
+    async def main():
+        started = time.monotonic()
+        with pytest.raises(TimedOut, match="ran past its 1 s limit while fetching the audio"):
+            await engine.analyze_ref(AudioRef("url", http_server.url + "/slow.wav"))
+        elapsed = time.monotonic() - started
+        await engine.close()
+        return elapsed
+
+    assert asyncio.run(main()) < 1.8
+
+
+def test_model_code_that_cannot_load_is_named(tiny_model, monkeypatch):
+    """An old torch without FlexAttention: /ready says why instead of error: null."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.flex_attention", None)
+    monkeypatch.delitem(sys.modules, "emotion.model", raising=False)
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    from emotion.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match=r"torch .* is too old: .* needs torch >= 2.5"):
+        engine.load()
+    assert "too old" in engine.status()["error"] and engine.status()["ready"] is False
+
+
+def test_an_error_without_a_message_still_says_what_failed(engine, monkeypatch):
+    from emotion.errors import InferenceFailed
+
+    def empty(*args, **kwargs):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(engine.model.net, "extract_features", empty)
+    with pytest.raises(InferenceFailed, match="inference failed: RuntimeError"):
+        engine.model.forward([speech_like(1.0)])
+
+
+def test_label_subset_renormalises(models):
+    model_dir = models("spread", angry=0.4, happy=0.2, neutral=0.1, sad=0.1)
+    full = EmotionEngine(EngineConfig(model=str(model_dir), device="cpu", warmup=False)).load()
+    subset = EmotionEngine(EngineConfig(model=str(model_dir), device="cpu", warmup=False, labels=("angry", "happy", "neutral", "sad"))).load()
+    wave = speech_like(2.0)
+    (a,), (b,) = full.analyze_waves([wave]), subset.analyze_waves([wave], granularity="segment")
+    assert list(b.scores) == ["angry", "happy", "neutral", "sad"] and subset.labels == list(b.scores)
+    assert b.scores["angry"] == pytest.approx(0.4 / 0.8, abs=1e-5) and b.confidence == pytest.approx(0.5, abs=1e-5)
+    assert set(b.segments[0].scores) == set(b.scores)
+    assert a.scores["angry"] == pytest.approx(0.4, abs=1e-5)
+
+
+def test_label_subset_the_model_lacks(models):
+    from emotion.checkpoint import TOKENS, write_checkpoint
+    from emotion.errors import ModelUnavailable
+
+    four = write_checkpoint(models("random").parent / "four", tokens=TOKENS[:4] + ["unuse_1", "<unk>"])
+    with pytest.raises(ModelUnavailable, match=r"EMOTION_LABELS names \['sad'\], which this model lacks"):
+        EmotionEngine(EngineConfig(model=str(four), device="cpu", warmup=False, labels=("angry", "sad"))).load()

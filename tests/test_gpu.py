@@ -50,7 +50,7 @@ def test_engine_batches_on_the_gpu(tiny_model):
 
     async def main():
         out = await asyncio.gather(*(engine.analyze_wave(w) for w in waves))
-        sizes = engine._batcher.stats.sizes
+        sizes = engine.stats.sizes
         await engine.close()
         return out, sizes
 

@@ -77,7 +77,7 @@ def test_embeddings_and_frames(model):
     assert out[1].frame_probs.shape == (99, 9)
     assert out[1].frame_embeddings.shape == (99, model.embed_dim)
     # The head is linear: the mean of the frame embeddings scores as the utterance.
-    assert np.abs(model.probs_from_embedding(out[1].frame_embeddings.mean(0)) - out[1].probs).max() < 1e-5
+    assert np.abs(model.head.probs(out[1].frame_embeddings.mean(0)) - out[1].probs).max() < 1e-5
 
 
 def test_hand_set_head_gives_exact_scores(models):

@@ -124,3 +124,58 @@ def test_rules_loader_never_crashes_on_any_text(text):
         parse_rules(text)
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize("phrase,text,hit", [
+    ("don't", "I don't want this", True),
+    ("e-mail", "I sent an E-mail twice", True),
+    ("e-mail", "email", False),
+    ("manager", "managers", False),
+    ("speak to a human", "Let me SPEAK  to a human now", True),
+    ("don't", "I don’t want this", True),  # a typographic apostrophe from a speech recogniser
+    ("经理", "我要找你们经理", True),
+    ("退款", "我要退货", False),
+    ("マネージャー", "マネージャーを呼んで", True),
+])
+def test_text_contains_matches_punctuated_and_unsegmented_phrases(phrase, text, hit):
+    from emotion.rules import phrase_in
+
+    assert phrase_in(phrase, text) is hit
+
+
+def test_chinese_keyword_escalates():
+    rules = parse_rules("rules:\n  - name: manager\n    emotions: [angry]\n    min_confidence: 0.4\n    text_contains: [经理]\n")
+    assert evaluate_rules([Turn("angry", 0.5)], rules, "我要找你们经理").escalate
+    assert not evaluate_rules([Turn("angry", 0.5)], rules, "我要退款").escalate
+
+
+def test_rules_scoped_by_intent_and_channel():
+    rules = parse_rules(
+        "rules:\n"
+        "  - name: billing\n    emotions: [angry]\n    min_confidence: 0.6\n    intents: [complain, billing]\n"
+        "  - name: phone\n    emotions: [angry]\n    min_confidence: 0.7\n    channels: twilio\n"
+        "  - name: anywhere\n    emotions: [angry]\n    min_confidence: 0.8\n"
+    )
+    turn = [Turn("angry", 0.65)]
+    assert evaluate_rules(turn, rules, intent="billing").rule == "billing"
+    assert not evaluate_rules(turn, rules, intent="greet").escalate
+    assert evaluate_rules([Turn("angry", 0.75)], rules, intent="greet", channel="twilio").rule == "phone"
+    assert not evaluate_rules([Turn("angry", 0.75)], rules, intent="greet", channel="rest").escalate
+    assert evaluate_rules([Turn("angry", 0.85)], rules, intent="greet", channel="rest").rule == "anywhere"
+
+
+@pytest.mark.parametrize("body,message", [
+    ("    intents: [1, 2]\n", "'intents' must be a string or a list of non-empty strings"),
+    ("    channels: {rest: 1}\n", "'channels' must be"),
+    ("    scope: billing\n", r"unknown key\(s\) \['scope'\]"),
+])
+def test_bad_scopes_are_refused_with_the_line(body, message):
+    with pytest.raises(ConfigError, match=f"line 2: .*{message}"):
+        parse_rules("rules:\n  - name: a\n    emotions: [angry]\n" + body)
+
+
+def test_rules_are_checked_against_the_labels_in_use():
+    text = "rules:\n  - name: a\n    emotions: [fearful]\n"
+    assert parse_rules(text)[0].emotions == {"fearful"}
+    with pytest.raises(ConfigError, match=r"unknown emotion\(s\) \['fearful'\]; expected some of angry, happy, neutral, sad"):
+        parse_rules(text, labels=("angry", "happy", "neutral", "sad"))

@@ -190,3 +190,10 @@ def test_http_errors_and_timeouts(http_server):
 def test_unresolvable_host_is_a_fetch_error():
     with pytest.raises(EmotionError):
         fetch(AudioRef("url", "http://no-such-host.invalid/a.wav"))
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf"), float("-inf"), 1e400])
+def test_non_finite_sample_rates_are_bad_references(rate):
+    # Python's json accepts NaN and Infinity, so a gateway can send them.
+    with pytest.raises(BadReference, match="sample_rate must be an integer"):
+        parse_audio_ref({"base64": "AAAA", "encoding": "mulaw", "sample_rate": rate})
