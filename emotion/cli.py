@@ -110,7 +110,10 @@ def _analyze(args: argparse.Namespace) -> int:
     if waves:
         engine.load()
         for name, result in zip(waves, engine.analyze_waves(list(waves.values()), granularity=args.granularity, embeddings=args.embeddings)):
-            results[name] = result
+            if isinstance(result, EmotionError):
+                rows.append((name, result.as_dict()))
+            else:
+                results[name] = result
     errors = dict(rows)
     for name in args.files:
         if name in errors:

@@ -41,6 +41,20 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (Sanic serves from a worker process)."""
+    pids, total = [pid], 0.0
+    while pids:
+        p = pids.pop()
+        try:
+            pids += [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

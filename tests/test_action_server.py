@@ -175,3 +175,67 @@ def test_metrics_can_be_turned_off(start_action_server, tiny_model):
     srv = start_action_server({"EMOTION_MODEL": str(tiny_model), "EMOTION_METRICS": "false"})
     assert httpx.get(srv.url + "/metrics").status_code == 404
     assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+GOOD_RESULT = {"emotion": "angry", "confidence": 0.8, "scores": {**{k: 0.025 for k in LABELS if k != "angry"}, "angry": 0.8},
+               "duration_s": 2.0, "model": "x"}
+
+
+def test_a_result_in_the_metadata_is_taken_without_analysing_again(server):
+    before = httpx.get(server.url + "/metrics").text.count("emotion_stage_seconds_count")
+    slots = slot_events(post(server, rasa_call("c-res", {"emotion": GOOD_RESULT, "audio": {"base64": b64(b"not audio")}})))
+    assert slots["emotion"] == "angry" and slots["emotion_confidence"] == 0.8 and slots["escalate"] is True
+    assert slots["emotion_error"] is None and slots["escalation_reason"].startswith("angry_caller: angry 0.80")
+    assert httpx.get(server.url + "/metrics").text.count("emotion_stage_seconds_count") == before
+
+
+@pytest.mark.parametrize("emotion,message", [
+    ({**GOOD_RESULT, "scores": {**GOOD_RESULT["scores"], "furious": 0.0}}, "labels the model does not have: ['furious']"),
+    ({**GOOD_RESULT, "scores": {**GOOD_RESULT["scores"], "angry": 0.9}}, "sum to 1"),
+    ({**GOOD_RESULT, "scores": {**GOOD_RESULT["scores"], "angry": 1.5, "sad": -0.675}}, "in [0, 1]"),
+    ({**GOOD_RESULT, "confidence": 0.3}, "its score as confidence"),
+    ({**GOOD_RESULT, "emotion": "calm"}, "a scored label"),
+    ({"emotion": "angry"}, "scores must be an object"),
+    ("angry", "must be an object"),
+])
+def test_a_bad_result_in_the_metadata_is_refused(server, emotion, message):
+    slots = slot_events(post(server, rasa_call("c-badres", {"emotion": emotion})))
+    assert slots["emotion_error"].startswith("[bad_result]") and message in slots["emotion_error"]
+    assert slots["emotion"] is None and slots["escalate"] is False
+
+
+def test_an_analysis_error_in_the_metadata_becomes_emotion_error(server):
+    error = {"error": {"code": "decode_failed", "message": "could not decode audio: format not recognised"}}
+    slots = slot_events(post(server, rasa_call("c-err", {"emotion": error})))
+    assert slots["emotion_error"] == "[decode_failed] could not decode audio: format not recognised"
+
+
+def test_a_failed_turn_clears_the_last_escalation_reason(server):
+    slots = slot_events(post(server, rasa_call("c-stale", {"audio": {"base64": "%%%"}},
+                                               slots={"escalation_reason": "angry_caller: angry 0.90 >= 0.70"})))
+    assert slots["escalation_reason"] is None and slots["escalate"] is False
+
+
+def test_a_new_session_starts_with_no_history_and_no_cooldown(server):
+    """Slots carried over into a new session (carry_over_slots_to_new_session) belong to
+    the earlier call: the cooldown of yesterday's escalation must not silence today's."""
+    yesterday = [{"emotion": "angry", "confidence": 0.9, "escalated": "angry_caller"}]
+    call = rasa_call("c-session", {"emotion": GOOD_RESULT}, slots={"emotion_history": yesterday})
+    user = call["tracker"]["events"][-1]
+    call["tracker"]["events"] = [
+        {"event": "user", "text": "yesterday", "timestamp": 1},
+        {"event": "slot", "name": "emotion_history", "value": yesterday, "timestamp": 2},
+        {"event": "session_started", "timestamp": 3},
+        {"event": "slot", "name": "emotion_history", "value": yesterday, "timestamp": 4},  # carried over
+        {"event": "action", "name": "action_listen", "timestamp": 5},
+        user,
+    ]
+    slots = slot_events(post(server, call))
+    assert slots["escalate"] is True
+    assert slots["emotion_history"] == [{"emotion": "angry", "confidence": 0.8, "escalated": "angry_caller"}]
+
+    # Within a session the history (and so the cooldown) is kept.
+    call["tracker"]["events"] += [{"event": "slot", "name": "emotion_history", "value": slots["emotion_history"]},
+                                  {"event": "action", "name": "action_listen"}, user]
+    slots = slot_events(post(server, call))
+    assert slots["escalate"] is False and len(slots["emotion_history"]) == 2

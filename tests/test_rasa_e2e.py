@@ -4,6 +4,7 @@ Rasa lives in its own virtual environment (scripts/install-rasa-oss.sh; RASA_VEN
 overrides where): it is the client our action server must satisfy.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,15 +31,19 @@ def bot(tmp_path_factory):
     """The example bot, trained once, served by Rasa with its action endpoint on a free port."""
     work = tmp_path_factory.mktemp("bot")
     shutil.copytree(BOT, work / "bot", symlinks=False)
-    action_port = free_port()
+    action_port, api_port = free_port(), free_port()
     (work / "bot" / "endpoints.yml").write_text(f'action_endpoint:\n  url: "http://127.0.0.1:{action_port}/webhook"\n')
+    # The analysis API on its own port here, so a test can have the actions without the API.
+    credentials = (BOT / "credentials.yml").read_text().replace("localhost:5055", f"127.0.0.1:{api_port}")
+    (work / "bot" / "credentials.yml").write_text(credentials)
     env = {**os.environ, "RASA_TELEMETRY_ENABLED": "false"}
     subprocess.run([str(rasa_bin()), "train", "--domain", "domain", "--out", "models", "--fixed-model-name", "bot"],
                    cwd=work / "bot", env=env, check=True, capture_output=True, timeout=600)
     port = free_port()
     log = open(work / "rasa.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [str(rasa_bin()), "run", "--enable-api", "-m", "models/bot.tar.gz", "--port", str(port), "-i", "127.0.0.1"],
+        [str(rasa_bin()), "run", "--enable-api", "-m", "models/bot.tar.gz", "--port", str(port), "-i", "127.0.0.1",
+         "--credentials", "credentials.yml"],
         cwd=work / "bot", env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -52,17 +57,17 @@ def bot(tmp_path_factory):
             pass
         assert time.monotonic() < deadline, f"Rasa did not start; see {log.name}"
         time.sleep(0.5)
-    yield {"url": url, "action_port": action_port}
+    yield {"url": url, "action_port": action_port, "api_port": api_port}
     proc.terminate()
     proc.wait(30)
     log.close()
 
 
-def say(bot, sender, text, audio=None):
+def say(bot, sender, text, audio=None, channel="rest"):
     body = {"sender": sender, "message": text}
     if audio is not None:
         body["metadata"] = {"audio": audio}
-    r = httpx.post(bot["url"] + "/webhooks/rest/webhook", json=body, timeout=60)
+    r = httpx.post(bot["url"] + f"/webhooks/{channel}/webhook", json=body, timeout=60)
     assert r.status_code == 200
     return r.json()
 
@@ -77,10 +82,11 @@ def actions_run(t):
 
 @pytest.fixture
 def action_server(start_action_server, bot):
-    def start(model_dir):
-        return start_action_server(
-            {"EMOTION_MODEL": str(model_dir), "EMOTION_RULES": str(BOT / "emotion_rules.yml")}, port=bot["action_port"]
-        )
+    def start(model_dir, api=False):
+        env = {"EMOTION_MODEL": str(model_dir), "EMOTION_RULES": str(BOT / "emotion_rules.yml")}
+        if api:  # the same server again, answering the channel's analysis calls
+            start_action_server(env, port=bot["api_port"])
+        return start_action_server(env, port=bot["action_port"])
 
     return start
 
@@ -139,3 +145,60 @@ def test_voice_client_sends_a_turn(bot, action_server, models, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "bot (custom): {\"handoff\"" in proc.stdout
     assert '"emotion": "angry"' in proc.stdout and "conversation paused" in proc.stdout
+
+
+def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_server, models):
+    action_server(models("angry60", angry=0.6), api=True)
+    wav = wav_bytes(5.7)
+    sizes = []
+    for turn in range(20):
+        replies = say(bot, "caller-channel", "I want to complain", {"base64": b64(wav)}, channel="emotion_rest")
+        assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]
+        t = tracker(bot, "caller-channel")
+        sizes.append(len(json.dumps(t)))
+        assert t["slots"]["emotion"] == "angry" and t["slots"]["emotion_confidence"] == pytest.approx(0.6)
+        assert t["slots"]["emotion_error"] is None and len(t["slots"]["emotion_history"]) == turn + 1
+    text = json.dumps(t)
+    assert b64(wav)[:64] not in text and '"audio"' not in text and "base64" not in text
+    assert t["latest_message"]["metadata"]["emotion"]["emotion"] == "angry"
+    per_turn = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
+    assert per_turn < 5000, f"tracker grew {per_turn:.0f} bytes per turn"
+
+
+def test_an_angry_caller_through_the_channel_is_handed_off(bot, action_server, models):
+    action_server(models("angry90", angry=0.9), api=True)
+    replies = say(bot, "caller-channel-angry", "I want a refund", {"base64": b64(wav_bytes(2.0))}, channel="emotion_rest")
+    assert next(r["custom"]["handoff"] for r in replies if "custom" in r)["emotion"] == "angry"
+    assert tracker(bot, "caller-channel-angry")["paused"] is True
+
+
+def test_the_bot_answers_when_the_analysis_api_or_the_action_server_is_down(bot, action_server, models):
+    srv = action_server(models("angry90", angry=0.9))  # actions up, nothing on the API's port
+    for i in range(3):
+        replies = say(bot, "caller-no-api", "I want a refund", {"base64": b64(wav_bytes(1.0, seed=i))}, channel="emotion_rest")
+        assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
+        t = tracker(bot, "caller-no-api")
+        assert t["slots"]["emotion_error"].startswith("[analysis_unavailable] the analysis API is unreachable")
+        assert t["slots"]["emotion"] is None and t["paused"] is False
+    srv.stop()
+    replies = say(bot, "caller-nothing-up", "I want a refund", {"base64": b64(wav_bytes(1.0))}, channel="emotion_rest")
+    assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
+
+
+def test_a_new_session_forgets_the_last_calls_cooldown(bot, action_server, models):
+    """The example bot carries slots over to new sessions; yesterday's escalation must not
+    hold today's angry caller in its cooldown."""
+    action_server(models("angry90", angry=0.9))
+    say(bot, "caller-twice", "I want a refund", {"base64": b64(wav_bytes(1.0))})
+    assert tracker(bot, "caller-twice")["paused"] is True
+    # The agent hands the caller back; the caller calls again the next day.
+    httpx.post(f"{bot['url']}/conversations/caller-twice/tracker/events", json={"event": "resume"}, timeout=60).raise_for_status()
+    # What Rasa runs when a session expires (session_expiration_time) and the caller speaks again.
+    httpx.post(f"{bot['url']}/conversations/caller-twice/execute", json={"name": "action_session_start"}, timeout=60).raise_for_status()
+    t = httpx.get(f"{bot['url']}/conversations/caller-twice/tracker", params={"include_events": "ALL"}, timeout=10).json()
+    assert [e["event"] for e in t["events"]].count("session_started") == 2, [(e["event"], e.get("name"), e.get("text")) for e in t["events"]][-12:]
+    assert t["slots"]["emotion_history"][-1]["escalated"] == "angry_caller"  # carried over by the bot
+    replies = say(bot, "caller-twice", "I want a refund", {"base64": b64(wav_bytes(1.0))})
+    assert any("custom" in r for r in replies), replies
+    t = tracker(bot, "caller-twice")
+    assert t["slots"]["emotion_history"] == [{"emotion": "angry", "confidence": 0.9, "escalated": "angry_caller"}]

@@ -1,0 +1,100 @@
+"""A Rasa input channel that analyses the caller's audio on the way in.
+
+It is Rasa's REST channel (same request and response bodies, custom payloads included),
+served at ``/webhooks/emotion_rest/webhook``. When a message carries ``metadata.audio``,
+the channel sends it to the action server's analysis API (``POST /v1/analyze``) and
+replaces it with ``metadata.emotion`` before the message enters Rasa, so the tracker (and
+the tracker store, and every request Rasa sends to the action server) never holds the
+audio. If the API is down or slow, the message goes on with
+``metadata.emotion = {"error": {...}}`` and the bot answers as usual.
+
+Runs inside the Rasa server and needs only Rasa (and the aiohttp that Rasa ships). Copy
+this file next to your bot's ``config.yml`` and add to ``credentials.yml``::
+
+    emotion_channel.EmotionRestInput:
+      analyze_url: "http://localhost:5055/v1/analyze"
+      token: "..."        # optional: EMOTION_API_TOKEN of the action server
+      timeout_s: 3        # optional
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from rasa.core.channels.channel import UserMessage
+from rasa.core.channels.rest import RestInput
+from sanic import Blueprint
+from sanic.request import Request
+
+logger = logging.getLogger(__name__)
+
+# What Rasa keeps of an analysis: the utterance result, never segments or embeddings.
+RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model")
+
+
+class EmotionRestInput(RestInput):
+    @classmethod
+    def name(cls) -> str:
+        return "emotion_rest"
+
+    @classmethod
+    def from_credentials(cls, credentials: dict[str, Any] | None) -> EmotionRestInput:
+        credentials = credentials or {}
+        if not credentials.get("analyze_url"):
+            raise ValueError("emotion_channel.EmotionRestInput needs analyze_url (e.g. http://localhost:5055/v1/analyze)")
+        return cls(credentials["analyze_url"], credentials.get("token"), float(credentials.get("timeout_s", 3.0)))
+
+    def __init__(self, analyze_url: str, token: str | None = None, timeout_s: float = 3.0) -> None:
+        self.analyze_url = analyze_url
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def blueprint(self, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> Blueprint:
+        blueprint = super().blueprint(on_new_message)
+
+        @blueprint.middleware("request")
+        async def analyze_audio(request: Request) -> None:
+            if request.method != "POST" or not request.path.endswith("/webhook"):
+                return
+            try:
+                body = request.json
+            except Exception:  # the REST channel answers a bad body itself
+                return
+            metadata = body.get("metadata") if isinstance(body, dict) else None
+            if isinstance(metadata, dict) and "audio" in metadata:
+                metadata = {k: v for k, v in metadata.items() if k != "audio"}
+                metadata["emotion"] = await self.analyze(body["metadata"]["audio"])
+                # The REST channel reads the parsed body: from here on it holds no audio.
+                request.parsed_json = {**body, "metadata": metadata}
+
+        return blueprint
+
+    async def analyze(self, audio: Any) -> dict[str, Any]:
+        """The utterance result for ``metadata.audio``, or ``{"error": {code, message}}``."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.post(self.analyze_url, json={"audio": audio}, headers=headers) as response:
+                    try:
+                        data = await response.json(content_type=None)
+                    except ValueError:
+                        data = None
+                    if response.status == 200 and isinstance(data, dict):
+                        return {k: data[k] for k in RESULT_KEYS if k in data}
+                    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                        return {"error": data["error"]}
+                    return _error("analysis_unavailable", f"the analysis API answered HTTP {response.status}")
+        except asyncio.TimeoutError:
+            return _error("timeout", f"the analysis API did not answer within {self.timeout_s:g} s")
+        except aiohttp.ClientError as exc:
+            logger.warning("emotion analysis API unreachable at %s: %s", self.analyze_url, exc)
+            return _error("analysis_unavailable", f"the analysis API is unreachable: {type(exc).__name__}")
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}

@@ -1,0 +1,1 @@
+../../domain_snippets/emotion_channel.py

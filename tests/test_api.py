@@ -1,0 +1,189 @@
+"""The analysis API (/v1/analyze, /predict) on the real action server, over HTTP."""
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+from conftest import ActionServer, b64, encode, rasa_call, slot_events, speech_like, wav_bytes
+
+LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
+
+
+@pytest.fixture(scope="module")
+def server(models, audio_root, tmp_path_factory):
+    env = {
+        "EMOTION_MODEL": str(models("angry90", angry=0.9)),
+        "EMOTION_AUDIO_ROOT": str(audio_root),
+        "EMOTION_URL_ALLOW": "127.0.0.1",
+        "EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024),
+        "_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
+    }
+    srv = ActionServer(env).wait()
+    yield srv
+    srv.stop()
+
+
+def analyze(server, **kwargs):
+    return httpx.post(server.url + "/v1/analyze", timeout=30, **kwargs)
+
+
+def assert_result(body, granularity="utterance"):
+    assert body["emotion"] == "angry" and body["confidence"] == pytest.approx(0.9, abs=1e-5)
+    assert set(body["scores"]) == set(LABELS) and sum(body["scores"].values()) == pytest.approx(1, abs=1e-4)
+    assert body["granularity"] == granularity and body["model"].endswith("angry90") and body["duration_s"] > 0
+
+
+def test_multipart_upload(server):
+    r = analyze(server, files={"audio_file": ("turn.wav", wav_bytes(4.0), "audio/wav")},
+                data={"granularity": "segment", "return_embedding": "true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_result(body, "segment")
+    assert [(s["start_s"], s["end_s"]) for s in body["segments"]] == [(0.0, 3.0), (1.5, 4.0)]
+    assert len(body["embedding"]) == 32  # the tiny checkpoint's width
+
+
+def test_frames_with_embeddings(server):
+    r = analyze(server, files={"audio_file": ("t.flac", encode(speech_like(1.0), 16000, "FLAC"), "audio/flac")},
+                data={"granularity": "frame", "return_embedding": "1"})
+    body = r.json()
+    assert_result(body, "frame")
+    assert len(body["segments"]) == 49 and len(body["frame_embeddings"]) == 49
+    assert body["segments"][1]["start_s"] == pytest.approx(0.02)
+
+
+def test_raw_body_and_headerless_telephony(server):
+    assert_result(analyze(server, content=wav_bytes(2.0), headers={"Content-Type": "audio/wav"}).json())
+    ulaw = encode(speech_like(2.0, 8000), 8000, "RAW", "ULAW")
+    r = analyze(server, content=ulaw, params={"encoding": "mulaw", "sample_rate": "8000"},
+                headers={"Content-Type": "application/octet-stream"})
+    assert_result(r.json())
+    assert r.json()["duration_s"] == pytest.approx(2.0, abs=0.01)
+
+
+def test_json_references_follow_the_metadata_rules(server, http_server):
+    assert_result(analyze(server, json={"audio": {"path": "turn.wav"}}).json())
+    assert_result(analyze(server, json={"audio": {"base64": b64(wav_bytes(1.0))}}).json())
+    http_server.routes["/t.ogg"] = (200, {}, encode(speech_like(2.0, 48000), 48000, "OGG", "VORBIS"))
+    assert_result(analyze(server, json={"audio": {"url": http_server.url + "/t.ogg"}}).json())
+
+
+@pytest.mark.parametrize("kwargs,status,code", [
+    ({"content": b"not audio at all", "headers": {"Content-Type": "audio/wav"}}, 400, "decode_failed"),
+    ({"content": encode(speech_like(0.05), 16000, "WAV", "PCM_16"), "headers": {"Content-Type": "audio/wav"}}, 400, "invalid_audio"),
+    ({"files": {"audio_file": ("a.wav", wav_bytes(1.0))}, "data": {"granularity": "word"}}, 400, "bad_request"),
+    ({"files": {"audio_file": ("a.wav", wav_bytes(1.0))}, "data": {"return_embedding": "maybe"}}, 400, "bad_request"),
+    ({"files": {"file": ("a.wav", wav_bytes(1.0))}}, 400, "bad_request"),
+    ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+    ({"json": {"audio": {"base64": "AAAA", "url": "http://x"}}}, 400, "bad_reference"),
+    ({"json": {"audio": {"base64": "AAAA", "encoding": "mulaw", "sample_rate": float("nan")}}}, 400, "bad_reference"),
+    ({"json": {"audio": {"path": "../../etc/passwd"}}}, 403, "refused"),
+    ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 400, "bad_request"),
+    ({"content": b"RIFF", "params": {"encoding": "gsm"}, "headers": {"Content-Type": "audio/basic"}}, 400, "bad_reference"),
+    ({"content": encode(speech_like(31.0, 8000), 8000, "WAV", "PCM_U8"), "headers": {"Content-Type": "audio/wav"}}, 200, None),
+])
+def test_errors_are_json_with_the_right_status(server, kwargs, status, code):
+    if "json" in kwargs and isinstance(kwargs["json"]["audio"].get("sample_rate"), float):
+        import json
+
+        kwargs = {"content": json.dumps(kwargs["json"]).encode(), "headers": {"Content-Type": "application/json"}}
+    r = analyze(server, **kwargs)
+    assert r.status_code == status, r.text
+    if code:
+        assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    assert "Traceback" not in r.text
+
+
+def test_too_long_audio_is_413(server):
+    long = encode(speech_like(1.0, 8000).repeat(301), 8000, "FLAC")  # 301 s, small once compressed
+    r = analyze(server, content=long, headers={"Content-Type": "audio/flac"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
+def raw_post(server, head: bytes, chunks, read_timeout_s=10.0):
+    """Send a request by hand, chunk after chunk, stopping when the server answers or
+    closes; return (status line, bytes sent, seconds)."""
+    started = time.monotonic()
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.0)
+        for chunk in chunks:
+            try:
+                if sock.recv(1, socket.MSG_PEEK):
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                break
+            try:
+                sock.setblocking(True)
+                sock.sendall(chunk)
+                sent += len(chunk)
+                sock.settimeout(0.0)
+            except OSError:
+                break
+        sock.settimeout(read_timeout_s)
+        reply = sock.recv(4096).split(b"\r\n", 1)[0]
+    return reply, sent, time.monotonic() - started
+
+
+def test_an_oversized_upload_is_refused_without_reading_it(server):
+    from conftest import rss_mb
+
+    before = rss_mb(server.proc.pid)
+    declared = 500 * 1024 * 1024
+    head = (f"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: {declared}\r\n\r\n").encode()
+    reply, sent, seconds = raw_post(server, head, (b"\0" * 65536 for _ in range(declared // 65536)))
+    assert b"413" in reply and seconds < 5 and sent < 64 * 1024 * 1024
+
+    # No length declared: the stream is cut at the cap (2 MiB here), not read to its end.
+    head = b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"10000\r\n" + b"\0" * 65536 + b"\r\n"
+    reply, sent, seconds = raw_post(server, head, (chunk for _ in range(8000)))
+    assert b"413" in reply and seconds < 5 and sent < 64 * 1024 * 1024
+    assert rss_mb(server.proc.pid) - before < 100
+    assert analyze(server, content=wav_bytes(1.0), headers={"Content-Type": "audio/wav"}).status_code == 200
+
+
+def test_many_concurrent_requests_and_one_bad_one(server):
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            bodies = [wav_bytes(0.5 + (i % 5) * 0.7, seed=i) for i in range(64)]
+            bodies[17] = b"garbage"
+            return await asyncio.gather(*(client.post(server.url + "/v1/analyze", content=b, headers={"Content-Type": "audio/wav"})
+                                          for b in bodies))
+
+    replies = asyncio.run(main())
+    assert replies[17].status_code == 400 and replies[17].json()["error"]["code"] == "decode_failed"
+    assert all(r.status_code == 200 and r.json()["emotion"] == "angry" for i, r in enumerate(replies) if i != 17)
+
+
+def test_the_api_result_is_what_rasa_takes_as_metadata(server):
+    body = analyze(server, content=wav_bytes(2.0), headers={"Content-Type": "audio/wav"}).json()
+    slots = slot_events(httpx.post(server.url + "/webhook", json=rasa_call("c-meta", {"emotion": body}), timeout=30).json())
+    assert slots["emotion"] == "angry" and slots["escalate"] is True and slots["emotion_error"] is None
+    assert slots["emotion_scores"] == {k: round(v, 4) for k, v in body["scores"].items()}
+
+
+def test_predict_alias_and_the_token(start_action_server, tiny_model):
+    srv = start_action_server({"EMOTION_MODEL": str(tiny_model), "EMOTION_API_TOKEN": "s3cret"})
+    files = {"file": ("call.wav", wav_bytes(1.0), "audio/wav")}
+    refused = httpx.post(srv.url + "/predict", files=files)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    assert httpx.post(srv.url + "/v1/analyze", files={"audio_file": ("a.wav", wav_bytes(1.0))},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = httpx.post(srv.url + "/predict", files=files, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["filename"] == "call.wav" and body["emotion"] in LABELS and 0 < body["confidence"] <= 1
+    assert body["timestamp"].endswith("Z")
+
+
+def test_503_with_retry_after_when_the_model_is_unavailable(start_action_server, tmp_path):
+    srv = start_action_server({"EMOTION_MODEL": str(tmp_path / "missing")})
+    r = analyze(srv, content=wav_bytes(1.0), headers={"Content-Type": "audio/wav"})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json()["error"]["code"] == "model_unavailable" and "no model directory" in r.json()["error"]["message"]
