@@ -149,9 +149,26 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
         env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
     try:
         with action_server(env) as (_proc, url):
-            return asyncio.run(_server_load(url, args))
+            return {"webhook_base64": asyncio.run(_server_load(url, args, "webhook")),
+                    "api_raw_bytes": asyncio.run(_server_load(url, args, "api"))}
     except RuntimeError as exc:
         return {"error": str(exc)}
+
+
+def tracker_bytes_per_turn(wav: bytes, result: dict) -> dict:
+    """What each way of bringing audio to Rasa adds to the tracker per turn: the message's
+    metadata is kept twice (the user event and latest_message), stored in the tracker store
+    and sent to the action server on every later action call. Slot events are the same
+    for every path and not counted."""
+    import json
+
+    utterance = {k: result[k] for k in ("emotion", "confidence", "scores", "duration_s", "model")}
+    paths = {
+        "metadata.audio.base64": {"audio": {"base64": base64.b64encode(wav).decode()}},
+        "metadata.audio.url": {"audio": {"url": "https://recordings.example.com/calls/0042/turn-0003.wav"}},
+        "metadata.emotion (api or EmotionRestInput)": {"emotion": utterance},
+    }
+    return {name: 2 * len(json.dumps(meta)) for name, meta in paths.items()}
 
 
 def webhook_call(sender: str, audio: dict, text: str = "") -> dict:
@@ -198,7 +215,9 @@ def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
         log.close()
 
 
-async def _server_load(url: str, args: argparse.Namespace) -> dict:
+async def _server_load(url: str, args: argparse.Namespace, path: str) -> dict:
+    """``path`` "webhook": Rasa's action call with the audio inline; "api": the raw audio
+    bytes to /v1/analyze, as a voice gateway sends them."""
     import httpx
 
     rng = np.random.default_rng(1)
@@ -206,7 +225,12 @@ async def _server_load(url: str, args: argparse.Namespace) -> dict:
     for i in range(args.server_turns):
         seconds = args.fixed_seconds or rng.uniform(*args.seconds)
         wav = encode_audio((rng.standard_normal(int(seconds * SAMPLE_RATE_HZ)) * 0.1).astype(np.float32), SAMPLE_RATE_HZ, "WAV", "PCM_16")
-        bodies.append(webhook_call(f"bench-{i}", {"base64": base64.b64encode(wav).decode()}))
+        if path == "api":
+            bodies.append({"content": wav, "headers": {"Content-Type": "audio/wav"}})
+        else:
+            bodies.append({"json": webhook_call(f"bench-{i}", {"base64": base64.b64encode(wav).decode()})})
+    endpoint = url + ("/v1/analyze" if path == "api" else "/webhook")
+    first: list = []  # the first answered API turn: (audio, result)
     latencies, health, statuses = [], [], []
     done = asyncio.Event()
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=args.server_concurrency + 4)) as client:
@@ -214,16 +238,20 @@ async def _server_load(url: str, args: argparse.Namespace) -> dict:
             while bodies:
                 body = bodies.pop()
                 t = time.perf_counter()
-                r = await client.post(url + "/webhook", json=body)
+                r = await client.post(endpoint, **body)
                 latencies.append(time.perf_counter() - t)
                 statuses.append(r.status_code)
+                if path == "api" and not first and r.status_code == 200:
+                    first[:] = [body["content"], r.json()]
 
         async def probe():
-            await asyncio.sleep(0.2)
-            while not done.is_set():
+            await asyncio.sleep(0.01)  # once the first turns are in flight
+            while True:
                 t = time.perf_counter()
                 await client.get(url + "/health")
                 health.append((time.perf_counter() - t) * 1000)
+                if done.is_set():
+                    break
                 await asyncio.sleep(0.05)
 
         prober = asyncio.create_task(probe())
@@ -237,9 +265,10 @@ async def _server_load(url: str, args: argparse.Namespace) -> dict:
         "concurrency": args.server_concurrency,
         "non_200": sum(s != 200 for s in statuses),
         "turns_per_s": round(len(latencies) / elapsed, 2),
-        "latency_ms": _percentiles_ms(latencies, 50, 95),
+        "latency_ms": _percentiles_ms(latencies, 50, 95, 99),
         "health_ms_while_busy": {"probes": len(health), "p50": round(float(np.median(health)), 1) if health else None,
                                  "max": round(max(health), 1) if health else None},
+        **({"tracker_bytes_per_turn": tracker_bytes_per_turn(*first)} if first else {}),
     }
 
 

@@ -39,13 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--server-concurrency", type=int, default=16)
     bench.add_argument("--compare-fp32", action="store_true", help="check bf16/fp16 against fp32 on the same clips")
 
-    send = sub.add_parser("send-turn", help="post a voice turn to Rasa's REST channel")
+    send = sub.add_parser("send-turn", help="send a voice turn to Rasa, as a voice gateway would")
     send.add_argument("audio")
     send.add_argument("--rasa", default="http://localhost:5005")
     send.add_argument("--sender", default="caller-1")
     send.add_argument("--text", default="")
     send.add_argument("--url", action="store_true", help="send AUDIO as a URL reference instead of base64")
     send.add_argument("--mulaw", action="store_true", help="convert to 8 kHz mu-law raw before sending, as a phone gateway would")
+    send.add_argument("--via", choices=("api", "channel", "metadata"), default="api",
+                      help="api: analyse with the action server's /v1/analyze, send the result as metadata.emotion (default); "
+                           "channel: send the audio to the EmotionRestInput channel; metadata: audio in metadata.audio "
+                           "(Rasa's tracker then keeps the audio)")
+    send.add_argument("--api", default="http://localhost:5055/v1/analyze", help="the analysis API, for --via api")
+    send.add_argument("--token", help="bearer token for the analysis API (EMOTION_API_TOKEN)")
 
     make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint (tests and benchmarks only)")
     make.add_argument("directory")

@@ -1,7 +1,10 @@
 """``python -m emotion send-turn``: what a voice gateway does, in a few lines.
 
-Posts the turn's transcript to Rasa's REST channel with the audio in ``metadata.audio``,
-prints the bot's replies, then the emotion slots from Rasa's tracker API.
+By default (``--via api``) it has the action server's analysis API tag the audio, then
+posts the transcript to Rasa's REST channel with the result as ``metadata.emotion``, so
+Rasa never holds the audio. ``--via channel`` posts the audio to the EmotionRestInput
+channel, which does the same inside Rasa; ``--via metadata`` sends the audio itself in
+``metadata.audio``. Then it prints the bot's replies and the emotion slots.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import httpx
 from emotion.audio import decode_audio, encode_audio
 from emotion.errors import FetchFailed
 
+# The utterance result, as EmotionRestInput forwards it.
+RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model")
 SLOTS = ("emotion", "emotion_confidence", "escalate", "escalation_reason", "emotion_error")
 
 
@@ -36,9 +41,20 @@ def build_audio(args: argparse.Namespace) -> dict:
 
 
 def send_turn(args: argparse.Namespace) -> int:
-    body = {"sender": args.sender, "message": args.text, "metadata": {"audio": build_audio(args)}}
+    audio, channel = build_audio(args), "rest"
+    if args.via == "api":
+        headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+        reply = httpx.post(args.api, json={"audio": audio}, headers=headers, timeout=60)
+        result = reply.json()
+        if reply.status_code != 200:
+            print(f"analysis API: HTTP {reply.status_code} {json.dumps(result.get('error'), ensure_ascii=False)}")
+        metadata = {"emotion": {k: result[k] for k in RESULT_KEYS if k in result} if reply.status_code == 200 else result}
+    else:
+        metadata = {"audio": audio}
+        channel = "emotion_rest" if args.via == "channel" else "rest"
+    body = {"sender": args.sender, "message": args.text, "metadata": metadata}
     with httpx.Client(base_url=args.rasa.rstrip("/"), timeout=60) as client:
-        replies = client.post("/webhooks/rest/webhook", json=body)
+        replies = client.post(f"/webhooks/{channel}/webhook", json=body)
         replies.raise_for_status()
         for reply in replies.json():
             if "text" in reply:

@@ -140,11 +140,16 @@ def test_voice_client_sends_a_turn(bot, action_server, models, tmp_path):
     audio.write_bytes(wav_bytes(2.0))
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "emotion", "send-turn", "--rasa", bot["url"], "--sender", "caller-client",
-                           "--text", "where is my order", "--mulaw", str(audio)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "bot (custom): {\"handoff\"" in proc.stdout
-    assert '"emotion": "angry"' in proc.stdout and "conversation paused" in proc.stdout
+    api = f"http://127.0.0.1:{bot['action_port']}/v1/analyze"
+    for via in ("api", "metadata"):
+        sender = f"caller-client-{via}"
+        proc = subprocess.run([sys.executable, "-m", "emotion", "send-turn", "--rasa", bot["url"], "--sender", sender, "--via", via,
+                               "--api", api, "--text", "where is my order", "--mulaw", str(audio)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "bot (custom): {\"handoff\"" in proc.stdout
+        assert '"emotion": "angry"' in proc.stdout and "conversation paused" in proc.stdout
+        assert ("base64" in json.dumps(tracker(bot, sender))) is (via == "metadata")
 
 
 def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_server, models):
