@@ -7,8 +7,10 @@ clip score exactly those probabilities, which is how escalation is tested end to
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -68,7 +70,8 @@ def write_checkpoint(
     seed: int = 0,
 ) -> Path:
     """Write config.yaml, model.pt and tokens.txt, as FunASR's hubs ship them."""
-    from funasr.models.emotion2vec.model import Emotion2vec
+    with contextlib.redirect_stdout(sys.stderr):  # FunASR prints a banner on import; stdout is the caller's
+        from funasr.models.emotion2vec.model import Emotion2vec
 
     tokens = list(tokens or TOKENS)
     directory = Path(directory)

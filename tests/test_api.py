@@ -8,7 +8,7 @@ import httpx
 import pytest
 from conftest import ActionServer, b64, encode, rasa_call, slot_events, speech_like, wav_bytes
 
-LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
+from emotion.config import LABELS
 
 
 @pytest.fixture(scope="module")

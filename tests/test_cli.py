@@ -7,6 +7,8 @@ import sys
 import pytest
 from conftest import ROOT, encode, speech_like
 
+from emotion.config import LABELS
+
 
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "emotion", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -32,7 +34,7 @@ def test_analyze_json_one_line_per_input_and_nonzero_exit_on_failure(files, mode
     assert [line["file"] for line in lines] == [str(files / n) for n in ("a.wav", "bad.wav", "b.flac", "c.mp3", "missing.wav")]
     for good in (lines[0], lines[2], lines[3]):
         assert good["emotion"] == "angry" and good["confidence"] == pytest.approx(0.9, abs=1e-5)
-        assert set(good["scores"]) == {"angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"}
+        assert set(good["scores"]) == set(LABELS)
     assert lines[1]["error"]["code"] == "decode_failed"
     assert lines[4]["error"]["code"] == "fetch_failed"
 
