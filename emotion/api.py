@@ -21,7 +21,7 @@ from sanic.request import parse_multipart_form
 from emotion.config import GRANULARITIES, ServerConfig
 from emotion.engine import EmotionEngine
 from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable
-from emotion.sources import parse_audio_ref
+from emotion.sources import parse_audio_ref, parse_channel
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
             raise BadRequest("multipart requests carry the audio in the field 'audio_file'")
         options = _options(fields)
         result = await engine.analyze_bytes(upload.body, granularity=options["granularity"], embeddings=options["embedding"],
-                                            encoding=options["encoding"], sample_rate_hz=options["sample_rate"])
+                                            encoding=options["encoding"], sample_rate_hz=options["sample_rate"],
+                                            channel=options["channel"])
     elif kind == "application/json":
         try:
             data = json.loads(body)
@@ -125,7 +126,8 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
     elif kind.startswith("audio/") or kind == "application/octet-stream":
         options = _options(dict(request.args))
         result = await engine.analyze_bytes(body, granularity=options["granularity"], embeddings=options["embedding"],
-                                            encoding=options["encoding"], sample_rate_hz=options["sample_rate"])
+                                            encoding=options["encoding"], sample_rate_hz=options["sample_rate"],
+                                            channel=options["channel"])
     else:
         raise BadRequest(f"unsupported Content-Type {kind or 'none'!r}: send multipart/form-data, audio/*, "
                          "application/octet-stream or application/json")
@@ -177,4 +179,5 @@ def _options(raw: dict[str, Any]) -> dict[str, Any]:
             rate = int(rate)
         except (TypeError, ValueError):
             raise BadReference(f"sample_rate {rate!r}: expected a whole number of Hz") from None
-    return {"granularity": granularity, "embedding": embedding, "encoding": encoding, "sample_rate": rate}
+    return {"granularity": granularity, "embedding": embedding, "encoding": encoding, "sample_rate": rate,
+            "channel": parse_channel(raw.get("channel"))}

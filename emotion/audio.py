@@ -24,9 +24,11 @@ def decode_audio(
     sample_rate_hz: int | None = None,
     max_seconds: float = 300.0,
     min_seconds: float = 0.2,
+    channel: int | None = None,
 ) -> np.ndarray:
     """Decode any container libsndfile reads (WAV, FLAC, OGG/Vorbis/Opus, MP3) or raw
-    telephony audio, downmix and resample to 16 kHz mono float32."""
+    telephony audio, take one channel (``channel``, from 0) or the mix of all, and
+    resample to 16 kHz mono float32."""
     if not data:
         raise InvalidAudio("audio is empty (0 bytes)")
     kwargs: dict = {}
@@ -52,7 +54,11 @@ def decode_audio(
         raise AudioTooLarge(f"audio is longer than the {max_seconds:g} s limit")
     if samples.size == 0:
         raise InvalidAudio("audio holds no samples")
-    mono = samples.mean(axis=1) if channels > 1 else samples[:, 0]
+    if channel is not None and channel >= channels:
+        raise BadReference(f"channel {channel} asked for; the audio has {channels} channel{'s' if channels > 1 else ''} (0 to {channels - 1})")
+    # Call recorders put the caller on one channel and the agent on the other: mixing them
+    # would hear the agent in the caller's emotion, so a stereo call names its channel.
+    mono = samples[:, channel] if channel is not None else samples.mean(axis=1)
     if not np.isfinite(mono).all():
         raise InvalidAudio("audio holds NaN or infinite samples")
     if rate != SAMPLE_RATE_HZ:

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("--granularity", choices=GRANULARITIES, default="utterance")
     analyze.add_argument("--encoding", help="headerless input: mulaw, alaw or pcm_s16le")
     analyze.add_argument("--sample-rate", type=int, help="sample rate of headerless input, e.g. 8000")
+    analyze.add_argument("--channel", type=int, help="analyse this channel (from 0) of a multichannel recording, not the mix")
     analyze.add_argument("--embeddings", action="store_true", help="include the utterance embedding")
     analyze.add_argument("--json", action="store_true", help="one JSON object per input line")
     analyze.add_argument("--plot", metavar="PNG", help="draw emotion over time (one file, frame or segment granularity)")
@@ -107,7 +108,7 @@ def _analyze(args: argparse.Namespace) -> int:
     waves, rows = {}, []
     for name in args.files:
         try:
-            waves[name] = engine.decode_sync(Path(name).read_bytes(), args.encoding, args.sample_rate)
+            waves[name] = engine.decode_sync(Path(name).read_bytes(), args.encoding, args.sample_rate, args.channel)
         except OSError as exc:
             rows.append((name, {"code": "fetch_failed", "message": f"cannot read file: {exc.strerror}"}))
         except EmotionError as exc:

@@ -164,36 +164,38 @@ class EmotionEngine:
         started = time.perf_counter()
         data = await self._stage(self._fetcher.fetch(ref), deadline, "fetching the audio", self.config.fetch_timeout_s * 2)
         fetched = time.perf_counter()
-        result = await self._analyze_bytes(data, ref.encoding, ref.sample_rate_hz, granularity, embeddings, deadline)
+        result = await self._analyze_bytes(data, ref.encoding, ref.sample_rate_hz, ref.channel, granularity, embeddings, deadline)
         result.timings_ms["fetch"] = (fetched - started) * 1000
         return result
 
     async def analyze_bytes(self, data: bytes, *, encoding: str | None = None, sample_rate_hz: int | None = None,
-                            granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
+                            channel: int | None = None, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
         deadline = time.monotonic() + self.config.turn_timeout_s
-        return await self._analyze_bytes(data, encoding, sample_rate_hz, granularity, embeddings, deadline)
+        return await self._analyze_bytes(data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline)
 
     async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
         return await self._analyze_wave(wave, granularity, embeddings, time.monotonic() + self.config.turn_timeout_s)
 
-    async def _analyze_bytes(self, data, encoding, sample_rate_hz, granularity, embeddings, deadline) -> EmotionResult:
+    async def _analyze_bytes(self, data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline) -> EmotionResult:
         started = time.perf_counter()
         with self._span("emotion.decode", bytes=len(data)):
             if self._decoder is None:
                 self._decoder = concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="emotion-decode")
-            job = asyncio.get_running_loop().run_in_executor(self._decoder, self.decode_sync, data, encoding, sample_rate_hz)
+            job = asyncio.get_running_loop().run_in_executor(self._decoder, self.decode_sync, data, encoding, sample_rate_hz, channel)
             wave = await self._stage(job, deadline, "decoding", self.config.decode_timeout_s)
         decoded = time.perf_counter()
         result = await self._analyze_wave(wave, granularity, embeddings, deadline)
         result.timings_ms["decode"] = (decoded - started) * 1000
         return result
 
-    def decode_sync(self, data: bytes, encoding: str | None = None, sample_rate_hz: int | None = None) -> np.ndarray:
+    def decode_sync(self, data: bytes, encoding: str | None = None, sample_rate_hz: int | None = None,
+                    channel: int | None = None) -> np.ndarray:
         """Decode within this engine's duration limits (in the calling thread)."""
         return decode_audio(
             data,
             encoding=encoding,
             sample_rate_hz=sample_rate_hz,
+            channel=channel,
             max_seconds=self.config.max_audio_seconds,
             min_seconds=self.config.min_audio_ms / 1000,
         )

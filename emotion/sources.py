@@ -37,6 +37,7 @@ class AudioRef:
     value: str
     encoding: str | None = None
     sample_rate_hz: int | None = None
+    channel: int | None = None  # None: the mix of all channels
 
     def describe(self) -> str:
         """A log-safe description: never the audio, never a URL's query."""
@@ -70,7 +71,18 @@ def parse_audio_ref(meta: Any) -> AudioRef:
         rate = int(rate)
     if encoding is not None and rate is None:
         raise BadReference(f"headerless {encoding} audio needs metadata.audio.sample_rate (8000 for phone audio)")
-    return AudioRef(kind, value, encoding.lower() if encoding else None, rate)
+    return AudioRef(kind, value, encoding.lower() if encoding else None, rate, parse_channel(meta.get("channel")))
+
+
+def parse_channel(value: Any) -> int | None:
+    """``channel``: an index from 0, or ``"mix"`` (the default) for the mean of all channels."""
+    if value is None or value == "mix":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise BadReference(f"channel must be an index from 0 or 'mix', got {value!r}")
+    return value
 
 
 class AudioFetcher:

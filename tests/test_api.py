@@ -5,6 +5,7 @@ import socket
 import time
 
 import httpx
+import numpy as np
 import pytest
 from conftest import ActionServer, b64, encode, rasa_call, slot_events, speech_like, wav_bytes
 
@@ -187,3 +188,15 @@ def test_503_with_retry_after_when_the_model_is_unavailable(start_action_server,
     r = analyze(srv, content=wav_bytes(1.0), headers={"Content-Type": "audio/wav"})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert r.json()["error"]["code"] == "model_unavailable" and "no model directory" in r.json()["error"]["message"]
+
+
+def test_one_channel_of_a_stereo_recording(server):
+    stereo = encode(np.stack([speech_like(2.0, seed=1), speech_like(2.0, seed=2)], axis=1), 16000, "WAV", "PCM_16")
+    for params in ({"channel": "1"}, {"channel": "mix"}):
+        assert_result(analyze(server, content=stereo, params=params, headers={"Content-Type": "audio/wav"}).json())
+    r = analyze(server, content=stereo, params={"channel": "2"}, headers={"Content-Type": "audio/wav"})
+    assert r.status_code == 400 and "the audio has 2 channels" in r.json()["error"]["message"]
+    r = analyze(server, json={"audio": {"base64": b64(stereo), "channel": 5}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_reference"
+    slots = slot_events(httpx.post(server.url + "/webhook", json=rasa_call("c-stereo", {"audio": {"base64": b64(stereo), "channel": 3}})).json())
+    assert slots["emotion_error"].startswith("[bad_reference] channel 3 asked for; the audio has 2 channels")

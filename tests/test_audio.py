@@ -141,3 +141,16 @@ def test_corrupted_wav_never_crashes_the_decoder(noise, offset):
         decode_audio(bytes(data), min_seconds=0.0)
     except EmotionError:
         pass
+
+
+def test_one_channel_of_a_stereo_call():
+    """Caller on the left, agent on the right: the caller's channel alone, or the mix."""
+    caller, agent = speech_like(2.0, seed=1), speech_like(2.0, seed=2) * 0.5
+    stereo = encode(np.stack([caller, agent], axis=1), 16000, "WAV", "FLOAT")
+    assert np.allclose(decode_audio(stereo, channel=0), caller, atol=1e-6)
+    assert np.allclose(decode_audio(stereo, channel=1), agent, atol=1e-6)
+    assert np.allclose(decode_audio(stereo), (caller + agent) / 2, atol=1e-6)
+    with pytest.raises(BadReference, match=r"channel 2 asked for; the audio has 2 channels \(0 to 1\)"):
+        decode_audio(stereo, channel=2)
+    with pytest.raises(BadReference, match="the audio has 1 channel "):
+        decode_audio(encode(caller, 16000, "WAV", "PCM_16"), channel=1)

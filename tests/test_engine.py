@@ -285,3 +285,20 @@ def test_label_subset_the_model_lacks(models):
     four = write_checkpoint(models("random").parent / "four", tokens=TOKENS[:4] + ["unuse_1", "<unk>"])
     with pytest.raises(ModelUnavailable, match=r"EMOTION_LABELS names \['sad'\], which this model lacks"):
         EmotionEngine(EngineConfig(model=str(four), device="cpu", warmup=False, labels=("angry", "sad"))).load()
+
+
+def test_the_callers_channel_alone_is_scored(tiny_model):
+    caller, agent = speech_like(2.0, seed=1), speech_like(2.0, seed=2)
+    stereo = encode(np.stack([caller, agent], axis=1), 16000, "WAV", "FLOAT")
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+
+    async def main():
+        out = [await engine.analyze_bytes(stereo, channel=c) for c in (0, 1, None)]
+        out.append(await engine.analyze_bytes(encode(agent, 16000, "WAV", "FLOAT")))
+        await engine.close()
+        return out
+
+    left, right, mix, agent_alone = asyncio.run(main())
+    assert right.scores == pytest.approx(agent_alone.scores, abs=1e-6)
+    assert max(abs(left.scores[k] - right.scores[k]) for k in left.scores) > 1e-4
+    assert max(abs(mix.scores[k] - right.scores[k]) for k in mix.scores) > 1e-4

@@ -197,3 +197,15 @@ def test_non_finite_sample_rates_are_bad_references(rate):
     # Python's json accepts NaN and Infinity, so a gateway can send them.
     with pytest.raises(BadReference, match="sample_rate must be an integer"):
         parse_audio_ref({"base64": "AAAA", "encoding": "mulaw", "sample_rate": rate})
+
+
+@pytest.mark.parametrize("channel,expected", [(None, None), ("mix", None), (0, 0), (1, 1), ("1", 1)])
+def test_channel_of_a_reference(channel, expected):
+    meta = {"base64": "AAAA"} if channel is None else {"base64": "AAAA", "channel": channel}
+    assert parse_audio_ref(meta).channel == expected
+
+
+@pytest.mark.parametrize("channel", [-1, 1.5, True, "left", 999])
+def test_bad_channels_are_bad_references(channel):
+    with pytest.raises(BadReference, match="channel must be an index from 0 or 'mix'"):
+        parse_audio_ref({"base64": "AAAA", "channel": channel})
