@@ -95,12 +95,19 @@ class ServerConfig:
     rules_path: str | None = None
     history_turns: int = 20
     api_token: str | None = None
+    alert_url: str | None = None
+    alert_timeout_s: float = 2.0
+    alert_retries: int = 2
     fail_fast: bool = False
     log_text: bool = False
     metrics: bool = True
 
     def __post_init__(self) -> None:
         _check_range("history_turns", self.history_turns, 1, 1000)
+        _check_range("alert_timeout_s", self.alert_timeout_s, 0.1, 60)
+        _check_range("alert_retries", self.alert_retries, 0, 10)
+        if self.alert_url is not None and not self.alert_url.startswith(("http://", "https://")):
+            raise ConfigError(f"alert_url={self.alert_url!r}: expected an http(s) URL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> ServerConfig:

@@ -12,6 +12,7 @@ ESCALATIONS = Counter("emotion_escalations_total", "Escalations, by the rule tha
 STAGE_SECONDS = Histogram("emotion_stage_seconds", "Time per stage of a turn", ["stage"], buckets=_LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("emotion_batch_size", "Clips per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 BATCH_SECONDS = Histogram("emotion_batch_seconds", "Time per inference batch", buckets=_LATENCY_BUCKETS)
+ALERTS = Counter("emotion_alerts_total", "Escalation alerts to EMOTION_ALERT_URL, by outcome", ["outcome"])
 QUEUE_DEPTH = Gauge("emotion_queue_depth", "Clips waiting for inference")
 MODEL_READY = Gauge("emotion_model_ready", "1 once the model is loaded and warm")
 

@@ -18,6 +18,7 @@ from rasa_sdk.plugin import plugin_manager
 from sanic import response
 
 from emotion import api, metrics
+from emotion.alerts import AlertSender
 from emotion.config import LABELS, EngineConfig, ServerConfig
 from emotion.engine import EmotionEngine
 from emotion.errors import ConfigError, EmotionError
@@ -43,6 +44,7 @@ class EmotionPlugin:
         self._engine: EmotionEngine | None = None
         self.config: ServerConfig | None = None
         self.rules: list[EscalationRule] = []
+        self.alerts: AlertSender | None = None
 
     @property
     def engine(self) -> EmotionEngine:
@@ -50,6 +52,9 @@ class EmotionPlugin:
             engine_config, config = EngineConfig.from_env(), ServerConfig.from_env()
             self.rules = load_rules(config.rules_path, history_turns=config.history_turns, labels=engine_config.labels or LABELS)
             self.config = config
+            if config.alert_url:
+                self.alerts = AlertSender(config.alert_url, timeout_s=config.alert_timeout_s, retries=config.alert_retries,
+                                          on_outcome=lambda outcome: metrics.ALERTS.labels(outcome).inc())
             self._engine = EmotionEngine(engine_config)
             self._engine.on_batch = metrics.record_batch
             metrics.QUEUE_DEPTH.set_function(lambda: self._engine.status()["queue_depth"])
@@ -100,6 +105,8 @@ class EmotionPlugin:
     async def _after_stop(self, app, _loop) -> None:
         if self._engine is not None:
             await self._engine.close()
+        if self.alerts is not None:
+            await self.alerts.close()
 
     async def _ready(self, _request):
         status = self.engine.status()
@@ -151,9 +158,16 @@ def _tagged(tracker: Tracker, message: dict, result: EmotionResult) -> list[dict
     history.append(Turn(result.emotion, result.confidence))
     intent = (message.get("intent") or {}).get("name")
     decision = evaluate_rules(history, PLUGIN.rules, message.get("text"), intent=intent, channel=tracker.get_latest_input_channel())
-    if decision.escalate:
+    if decision.fired:
+        # Alerts count for cooldowns too, so a supervisor is not paged on every turn.
         history[-1] = Turn(result.emotion, result.confidence, decision.rule)
         metrics.ESCALATIONS.labels(decision.rule).inc()
+        if PLUGIN.alerts is not None:
+            PLUGIN.alerts.send({
+                "rule": decision.rule, "action": decision.action,
+                **handoff_context(tracker, decision.reason, result.emotion, round(result.confidence, 4),
+                                  [t.as_dict() for t in history[-config.history_turns :]]),
+            })
     metrics.TURNS.labels("tagged").inc()
     metrics.record_timings(result.timings_ms)
     log.info(
@@ -190,6 +204,20 @@ def session_history(tracker: Tracker) -> list:
     return history
 
 
+def handoff_context(tracker: Tracker, reason, emotion, confidence, history) -> dict[str, Any]:
+    """What a human agent (or a supervisor's alert) needs to pick up the call."""
+    user_texts = [e.get("text") for e in tracker.events if e.get("event") == "user" and e.get("text")]
+    return {
+        "conversation_id": tracker.sender_id,
+        "reason": reason,
+        "emotion": emotion,
+        "confidence": confidence,
+        "emotion_history": history,
+        "last_user_text": user_texts[-1] if user_texts else None,
+        "recent_user_texts": user_texts[-5:],
+    }
+
+
 def _failed(tracker: Tracker, code: str, message: str) -> list[dict[str, Any]]:
     metrics.TURNS.labels("error").inc()
     metrics.ERRORS.labels(code).inc()
@@ -213,20 +241,9 @@ class ActionHandoffToHuman(Action):
         return HANDOFF_ACTION
 
     async def run(self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: dict[str, Any]) -> list[dict[str, Any]]:
-        user_texts = [e.get("text") for e in tracker.events if e.get("event") == "user" and e.get("text")]
-        dispatcher.utter_message(
-            json_message={
-                "handoff": {
-                    "conversation_id": tracker.sender_id,
-                    "reason": tracker.get_slot("escalation_reason"),
-                    "emotion": tracker.get_slot("emotion"),
-                    "confidence": tracker.get_slot("emotion_confidence"),
-                    "emotion_history": tracker.get_slot("emotion_history") or [],
-                    "last_user_text": user_texts[-1] if user_texts else None,
-                    "recent_user_texts": user_texts[-5:],
-                }
-            }
-        )
+        context = handoff_context(tracker, tracker.get_slot("escalation_reason"), tracker.get_slot("emotion"),
+                                  tracker.get_slot("emotion_confidence"), tracker.get_slot("emotion_history") or [])
+        dispatcher.utter_message(json_message={"handoff": context})
         dispatcher.utter_message(response="utter_handoff")
         log.info("conversation=%s handed off: %s", tracker.sender_id, tracker.get_slot("escalation_reason"))
         return [SlotSet("escalate", False), ConversationPaused()]

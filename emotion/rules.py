@@ -21,7 +21,8 @@ rules:
     cooldown_turns: 10
 """
 _RULE_KEYS = {"name", "emotions", "min_confidence", "consecutive_turns", "at_least", "text_contains", "cooldown_turns",
-              "intents", "channels"}
+              "intents", "channels", "action"}
+ACTIONS = ("handoff", "alert")  # alert: tell a supervisor, keep the caller with the bot
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class EscalationRule:
     cooldown_turns: int = 0
     intents: frozenset[str] = frozenset()  # empty: any intent
     channels: frozenset[str] = frozenset()  # empty: any input channel
+    action: str = "handoff"
 
     def matches(self, turn: Turn) -> bool:
         return turn.emotion in self.emotions and turn.confidence >= self.min_confidence
@@ -61,9 +63,17 @@ class EscalationRule:
 
 @dataclass(frozen=True)
 class Decision:
-    escalate: bool
+    """Whether a rule fired (``fired``), and whether it hands the caller off (``escalate``)
+    or only alerts a supervisor."""
+
+    fired: bool
     rule: str | None = None
     reason: str | None = None
+    action: str | None = None
+
+    @property
+    def escalate(self) -> bool:
+        return self.action == "handoff"
 
 
 def evaluate_rules(history: Sequence[Turn], rules: Sequence[EscalationRule], text: str | None = None, *,
@@ -93,7 +103,7 @@ def evaluate_rules(history: Sequence[Turn], rules: Sequence[EscalationRule], tex
             reason += f" on {rule.consecutive_turns} turns in a row"
         if rule.at_least is not None:
             reason += f", {rule.at_least[0]} of the last {rule.at_least[1]} turns"
-        return Decision(True, rule.name, reason)
+        return Decision(True, rule.name, reason, rule.action)
     return Decision(False)
 
 
@@ -183,6 +193,9 @@ def _rule(raw: Any, history_turns: int, labels: Sequence[str]) -> EscalationRule
             raise ValueError(f"rule {name!r}: at_least.turns ({k}) is more than of_last ({n})")
         at_least = (k, n)
     words = _strings(raw, "text_contains", name)
+    action = raw.get("action", "handoff")
+    if action not in ACTIONS:
+        raise ValueError(f"rule {name!r}: 'action' must be one of {', '.join(ACTIONS)}, got {action!r}")
     cooldown = raw.get("cooldown_turns", 0)
     if cooldown != 0:
         cooldown = _count(cooldown, "cooldown_turns", name, history_turns - 1)
@@ -196,6 +209,7 @@ def _rule(raw: Any, history_turns: int, labels: Sequence[str]) -> EscalationRule
         cooldown_turns=cooldown,
         intents=frozenset(_strings(raw, "intents", name)),
         channels=frozenset(_strings(raw, "channels", name)),
+        action=action,
     )
 
 

@@ -199,11 +199,18 @@ class LocalHTTPServer:
     def __init__(self) -> None:
         self.routes: dict[str, tuple] = {}
         self.requests: list[dict] = []
+        self.posted: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                outer.requests.append({"path": self.path, "headers": dict(self.headers)})
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.posted.append({"path": self.path, "body": self.rfile.read(length), "time": time.monotonic()})
+                self.do_GET(record=False)
+
+            def do_GET(self, record=True):  # noqa: N802
+                if record:
+                    outer.requests.append({"path": self.path, "headers": dict(self.headers)})
                 status, headers, body = outer.routes.get(self.path.split("?")[0], (404, {}, b"not found"))
                 try:
                     self.send_response(status)

@@ -127,7 +127,7 @@ def test_angry_caller_at_0_9_is_handed_off_whatever_the_intent(bot, action_serve
 def test_angry_caller_at_0_6_is_not_handed_off(bot, action_server, models):
     action_server(models("angry60", angry=0.6))
     replies = say(bot, "caller-mild", "I want to complain", {"base64": b64(wav_bytes(2.0))})
-    assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]
+    assert [r.get("text") for r in replies] == ["I'm sorry to hear that. I'll make this a priority."]  # the angry variation
     t = tracker(bot, "caller-mild")
     assert t["paused"] is False and "action_handoff_to_human" not in actions_run(t)
     assert t["slots"]["emotion"] == "angry" and t["slots"]["emotion_confidence"] == pytest.approx(0.6)
@@ -158,7 +158,7 @@ def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_serv
     sizes = []
     for turn in range(20):
         replies = say(bot, "caller-channel", "I want to complain", {"base64": b64(wav)}, channel="emotion_rest")
-        assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]
+        assert [r.get("text") for r in replies] == ["I'm sorry to hear that. I'll make this a priority."]
         t = tracker(bot, "caller-channel")
         sizes.append(len(json.dumps(t)))
         assert t["slots"]["emotion"] == "angry" and t["slots"]["emotion_confidence"] == pytest.approx(0.6)
@@ -207,3 +207,12 @@ def test_a_new_session_forgets_the_last_calls_cooldown(bot, action_server, model
     assert any("custom" in r for r in replies), replies
     t = tracker(bot, "caller-twice")
     assert t["slots"]["emotion_history"] == [{"emotion": "angry", "confidence": 0.9, "escalated": "angry_caller"}]
+
+
+def test_replies_follow_the_callers_emotion(bot, action_server, models):
+    action_server(models("happy80", happy=0.8))
+    replies = say(bot, "caller-happy", "hello", {"base64": b64(wav_bytes(1.0))})
+    assert [r.get("text") for r in replies] == ["Glad to hear it! This is Acme support. How can I help?"]
+    replies = say(bot, "caller-happy", "I want to complain", {"base64": b64(wav_bytes(1.0))})
+    assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]  # happy: the plain one
+    assert [r.get("text") for r in say(bot, "caller-typed-hello", "hello")] == ["Hello, this is Acme support. How can I help?"]

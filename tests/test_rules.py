@@ -179,3 +179,15 @@ def test_rules_are_checked_against_the_labels_in_use():
     assert parse_rules(text)[0].emotions == {"fearful"}
     with pytest.raises(ConfigError, match=r"unknown emotion\(s\) \['fearful'\]; expected some of angry, happy, neutral, sad"):
         parse_rules(text, labels=("angry", "happy", "neutral", "sad"))
+
+
+def test_alert_rules_fire_without_handing_off():
+    rules = parse_rules("rules:\n  - name: watch\n    emotions: [sad]\n    min_confidence: 0.5\n    action: alert\n"
+                        "  - name: angry\n    emotions: [angry]\n    min_confidence: 0.7\n")
+    alert = evaluate_rules([Turn("sad", 0.6)], rules)
+    assert alert.fired and alert.rule == "watch" and alert.action == "alert" and not alert.escalate
+    handoff = evaluate_rules([Turn("angry", 0.8)], rules)
+    assert handoff.fired and handoff.escalate and handoff.action == "handoff"
+    assert not evaluate_rules([Turn("happy", 0.9)], rules).fired
+    with pytest.raises(ConfigError, match="line 2: rule 'a': 'action' must be one of handoff, alert, got 'page'"):
+        parse_rules("rules:\n  - name: a\n    emotions: [angry]\n    action: page\n")
