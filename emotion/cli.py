@@ -27,6 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("--json", action="store_true", help="one JSON object per input line")
     analyze.add_argument("--plot", metavar="PNG", help="draw emotion over time (one file, frame or segment granularity)")
     analyze.add_argument("--threshold", type=float, default=0.7, help="escalation threshold drawn on the plot")
+    analyze.add_argument("--csv", metavar="CSV", help="also write one row per file (per segment with --granularity frame|segment)")
+    analyze.add_argument("--embeddings-out", metavar="DIR", help="write each file's embedding as DIR/NAME.npy ((dim,), or (frames, dim) with --granularity frame)")
+
+    evaluate = sub.add_parser("evaluate", help="accuracy against your own labelled recordings")
+    evaluate.add_argument("labels", help="CSV with columns file,label (files relative to the CSV)")
+    _model_args(evaluate)
+    evaluate.add_argument("--map", default="", metavar="OURS=THEIRS,...", help="dataset label names, e.g. angry=ang,happy=hap")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--plot", metavar="PNG", help="draw the confusion matrix")
 
     bench = sub.add_parser("bench", help="throughput and latency against FunASR's generate()")
     _model_args(bench)
@@ -70,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(run_bench(args), indent=2))
             return 0
+        if args.command == "evaluate":
+            from emotion.exports import evaluate
+
+            return evaluate(args)
         if args.command == "send-turn":
             from emotion.client import send_turn
 
@@ -98,43 +111,70 @@ def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig.from_env(**overrides)
 
 
+FILES_PER_BATCH = 64  # decoded audio held at once; large runs go through in such chunks
+
+
+def analyze_files(engine, files: list[str], *, encoding=None, sample_rate=None, channel=None, granularity="utterance",
+                  embeddings=False, progress=False):
+    """Yield ``(file, EmotionResult)`` or ``(file, {"code", "message"})`` per file, in order;
+    a bad file is reported and the run goes on."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(files), unit="file", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
+    for start in range(0, len(files), FILES_PER_BATCH):
+        chunk = files[start : start + FILES_PER_BATCH]
+        answers: dict = {}
+        waves = {}
+        for name in chunk:
+            try:
+                waves[name] = engine.decode_sync(Path(name).read_bytes(), encoding, sample_rate, channel)
+            except OSError as exc:
+                answers[name] = {"code": "fetch_failed", "message": f"cannot read file: {exc.strerror}"}
+            except EmotionError as exc:
+                answers[name] = exc.as_dict()
+        if waves:
+            if engine.model is None:
+                engine.load()  # only once a file decodes
+            for name, result in zip(waves, engine.analyze_waves(list(waves.values()), granularity=granularity, embeddings=embeddings)):
+                answers[name] = result.as_dict() if isinstance(result, EmotionError) else result
+        for name in chunk:
+            bar.update()
+            yield name, answers[name]
+    bar.close()
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from emotion.engine import EmotionEngine
+    from emotion.exports import CsvWriter, save_embeddings
 
     if args.plot and (len(args.files) != 1 or args.granularity == "utterance"):
         print("error: --plot takes one file and --granularity frame or segment", file=sys.stderr)
         return 2
-    engine = EmotionEngine(config_from_args(args, warmup=False))  # the model loads only if a file decodes
-    waves, rows = {}, []
-    for name in args.files:
-        try:
-            waves[name] = engine.decode_sync(Path(name).read_bytes(), args.encoding, args.sample_rate, args.channel)
-        except OSError as exc:
-            rows.append((name, {"code": "fetch_failed", "message": f"cannot read file: {exc.strerror}"}))
-        except EmotionError as exc:
-            rows.append((name, exc.as_dict()))
-    results = {}
-    if waves:
-        engine.load()
-        for name, result in zip(waves, engine.analyze_waves(list(waves.values()), granularity=args.granularity, embeddings=args.embeddings)):
-            if isinstance(result, EmotionError):
-                rows.append((name, result.as_dict()))
+    engine = EmotionEngine(config_from_args(args, warmup=False))
+    failed = 0
+    embeddings = args.embeddings or bool(args.embeddings_out)
+    with CsvWriter(args.csv, engine.labels, segments=args.granularity != "utterance") as csv_out:
+        for name, result in analyze_files(engine, args.files, encoding=args.encoding, sample_rate=args.sample_rate,
+                                          channel=args.channel, granularity=args.granularity, embeddings=embeddings,
+                                          progress=bool(args.csv or args.embeddings_out)):
+            csv_out.write(name, result)
+            if isinstance(result, dict):
+                failed += 1
+                print(json.dumps({"file": name, "error": result}, ensure_ascii=False) if args.json
+                      else f"{name}: error [{result['code']}] {result['message']}")
+                continue
+            if args.embeddings_out:
+                save_embeddings(args.embeddings_out, name, result)
+            if args.json:
+                out = result.as_dict()
+                if not args.embeddings:
+                    out.pop("embedding", None)
+                print(json.dumps({"file": name, **out}, ensure_ascii=False))
             else:
-                results[name] = result
-    errors = dict(rows)
-    for name in args.files:
-        if name in errors:
-            line = {"file": name, "error": errors[name]}
-            print(json.dumps(line, ensure_ascii=False) if args.json else f"{name}: error [{errors[name]['code']}] {errors[name]['message']}")
-            continue
-        result = results[name]
-        if args.json:
-            print(json.dumps({"file": name, **result.as_dict()}, ensure_ascii=False))
-        else:
-            others = sorted(result.scores.items(), key=lambda kv: -kv[1])[1:4]
-            print(f"{name}: {result.emotion} {result.confidence:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in others)})")
-    if args.plot and results:
-        from emotion.plot import plot_timeline
+                others = sorted(result.scores.items(), key=lambda kv: -kv[1])[1:4]
+                print(f"{name}: {result.emotion} {result.confidence:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in others)})")
+            if args.plot:
+                from emotion.plot import plot_timeline
 
-        plot_timeline(results[args.files[0]], args.plot, threshold=args.threshold, title=Path(args.files[0]).name)
-    return 1 if errors else 0
+                plot_timeline(result, args.plot, threshold=args.threshold, title=Path(name).name)
+    return 1 if failed else 0

@@ -11,8 +11,8 @@ COLORS = {
 }
 
 
-def plot_timeline(result: EmotionResult, path: str, *, threshold: float = 0.7, title: str = "") -> None:
-    """One line per emotion over time, with the escalation threshold drawn."""
+def pyplot():
+    """matplotlib's pyplot on a file backend, or a clear error when it is not installed."""
     try:
         import matplotlib
 
@@ -20,6 +20,12 @@ def plot_timeline(result: EmotionResult, path: str, *, threshold: float = 0.7, t
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigError("plotting needs matplotlib: pip install 'rasa-emotion2vec[plot]'") from exc
+    return plt
+
+
+def plot_timeline(result: EmotionResult, path: str, *, threshold: float = 0.7, title: str = "") -> None:
+    """One line per emotion over time, with the escalation threshold drawn."""
+    plt = pyplot()
     if not result.segments:
         raise ConfigError("plotting needs frame or segment granularity")
     segments = result.segments

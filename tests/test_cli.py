@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, encode, speech_like
@@ -90,3 +91,75 @@ def test_small_benchmark_runs_and_reports(tmp_path):
         assert run["non_200"] == 0 and run["turns"] == 8 and run["health_ms_while_busy"]["probes"] > 0
     tracker = report["action_server"]["api_raw_bytes"]["tracker_bytes_per_turn"]
     assert tracker["metadata.emotion (api or EmotionRestInput)"] < 1500 < 20_000 < tracker["metadata.audio.base64"]
+
+
+def run_main(capsys, *args):
+    """The CLI in this process (no subprocess needed to test its outputs)."""
+    from emotion.cli import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().out
+
+
+def test_csv_and_npy_exports_match_the_json(files, models, tmp_path, capsys):
+    import csv
+
+    import numpy as np
+
+    model = models("random")
+    inputs = [files / "a.wav", files / "bad.wav", files / "b.flac"]
+    code, out = run_main(capsys, "analyze", *inputs, "--model", model, "--json", "--embeddings",
+                         "--csv", tmp_path / "out.csv", "--embeddings-out", tmp_path / "npy")
+    assert code == 1
+    lines = [json.loads(line) for line in out.splitlines()]
+    rows = list(csv.DictReader((tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()))
+    assert [r["file"] for r in rows] == [str(p) for p in inputs]
+    for line, row in zip(lines, rows):
+        if "error" in line:
+            assert row["error"] == f"[{line['error']['code']}] {line['error']['message']}" and row["emotion"] == ""
+            continue
+        assert row["emotion"] == line["emotion"] and float(row["confidence"]) == pytest.approx(line["confidence"], abs=1e-6)
+        assert {k: float(row[k]) for k in LABELS} == pytest.approx(line["scores"], abs=1e-6)
+        saved = np.load(tmp_path / "npy" / (Path(line["file"]).stem + ".npy"))
+        assert saved.shape == (32,) and np.abs(saved - np.array(line["embedding"])).max() < 1e-6
+    assert not (tmp_path / "npy" / "bad.npy").exists()
+
+
+def test_csv_per_segment_and_frame_embeddings(files, models, tmp_path, capsys):
+    import csv
+
+    import numpy as np
+
+    code, out = run_main(capsys, "analyze", files / "b.flac", "--model", models("random"), "--json", "--granularity", "segment",
+                         "--csv", tmp_path / "seg.csv")
+    assert code == 0
+    segments = json.loads(out)["segments"]
+    rows = list(csv.DictReader((tmp_path / "seg.csv").read_text(encoding="utf-8").splitlines()))
+    assert [(float(r["start_s"]), float(r["end_s"]), r["emotion"]) for r in rows] == [
+        (s["start_s"], s["end_s"], s["emotion"]) for s in segments]
+    code, _ = run_main(capsys, "analyze", files / "a.wav", "--model", models("random"), "--granularity", "frame",
+                       "--embeddings-out", tmp_path / "frames")
+    assert code == 0 and np.load(tmp_path / "frames" / "a.npy").shape == (99, 32)
+
+
+def test_evaluate_gives_the_exact_confusion_matrix_of_a_hand_set_head(models, tmp_path, capsys):
+    """Every clip scores angry 0.9 with this head, so the matrix is known exactly."""
+    for i, name in enumerate(["a1", "a2", "a3", "s1", "s2", "h1"]):
+        (tmp_path / f"{name}.wav").write_bytes(encode(speech_like(1.0, seed=i), 16000, "WAV", "PCM_16"))
+    (tmp_path / "broken.wav").write_bytes(b"nope")
+    (tmp_path / "labels.csv").write_text("file,label\na1.wav,ang\na2.wav,ang\na3.wav,ang\ns1.wav,sad\ns2.wav,sad\n"
+                                         "h1.wav,hap\nbroken.wav,ang\na1.wav,xxx\n")
+    code, out = run_main(capsys, "evaluate", tmp_path / "labels.csv", "--model", models("angry90", angry=0.9),
+                         "--map", "angry=ang,happy=hap", "--json", "--plot", tmp_path / "cm.png")
+    report = json.loads(out)
+    assert code == 0
+    assert report["labels"] == ["angry", "happy", "sad"]
+    assert report["confusion_matrix"] == [[3, 0, 0], [1, 0, 0], [2, 0, 0]]
+    assert report["accuracy"] == 0.5 and report["unweighted_average_recall"] == pytest.approx(1 / 3, abs=1e-4)
+    assert report["per_class"]["angry"] == {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 3}
+    assert report["failed"] == {"decode_failed": 1, "unknown_label": 1}
+    assert (tmp_path / "cm.png").stat().st_size > 1000
+    code, text = run_main(capsys, "evaluate", tmp_path / "labels.csv", "--model", models("angry90", angry=0.9),
+                          "--map", "angry=ang,happy=hap")
+    assert "accuracy: 0.5000   unweighted average recall: 0.3333" in text
+    assert text.splitlines()[-3].split() == ["angry", "3", "0", "0"]

@@ -1,0 +1,153 @@
+"""Batch outputs for QA and post-call analytics: CSV rows, ``.npy`` embeddings, and an
+accuracy report against labelled recordings (``python -m emotion evaluate``)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from emotion.windows import EmotionResult
+
+
+class CsvWriter:
+    """One row per file, or per segment; a file that failed gets a row with its error."""
+
+    def __init__(self, path: str | None, labels: list[str], *, segments: bool) -> None:
+        self.path, self.labels, self.segments = path, labels, segments
+        self._file = self._writer = None
+
+    def __enter__(self) -> CsvWriter:
+        if self.path:
+            self._file = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+            timing = ["start_s", "end_s"] if self.segments else []
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(["file", *timing, "emotion", "confidence", *self.labels, "duration_s", "error"])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def write(self, name: str, result: EmotionResult | dict) -> None:
+        if self._writer is None:
+            return
+        if isinstance(result, dict):
+            blanks = [""] * (len(self.labels) + (5 if self.segments else 3))
+            self._writer.writerow([name, *blanks, f"[{result['code']}] {result['message']}"])
+            return
+        parts = result.segments if self.segments else [result]
+        for part in parts:
+            timing = [round(part.start_s, 3), round(part.end_s, 3)] if self.segments else []
+            scores = [round(part.scores[label], 6) for label in self.labels]
+            self._writer.writerow([name, *timing, part.emotion, round(part.confidence, 6), *scores, round(result.duration_s, 3), ""])
+
+
+def save_embeddings(directory: str, name: str, result: EmotionResult) -> Path:
+    """DIR/NAME.npy: the utterance embedding (dim,), or the frame embeddings (frames, dim)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (Path(name).stem + ".npy")
+    array = result.frame_embeddings if result.frame_embeddings is not None else result.embedding
+    np.save(path, array)
+    return path
+
+
+def confusion_report(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
+    """Accuracy, unweighted average recall over the classes present, per-class precision,
+    recall, F1 and support, and the confusion matrix (rows: truth, columns: predicted)."""
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels)), dtype=int)
+    for t, p in zip(truth, predicted):
+        matrix[index[t], index[p]] += 1
+    per_class = {}
+    for label, i in index.items():
+        support, hits, said = int(matrix[i].sum()), int(matrix[i, i]), int(matrix[:, i].sum())
+        precision = hits / said if said else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "support": support}
+    present = [c for c in per_class.values() if c["support"]]
+    return {
+        "files": len(truth),
+        "accuracy": round(float(np.trace(matrix)) / len(truth), 4) if truth else 0.0,
+        "unweighted_average_recall": round(sum(c["recall"] for c in present) / len(present), 4) if present else 0.0,
+        "per_class": per_class,
+        "labels": labels,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from emotion.cli import analyze_files, config_from_args
+    from emotion.engine import EmotionEngine
+
+    theirs_to_ours = {}
+    for pair in filter(None, (p.strip() for p in args.map.split(","))):
+        ours, _, theirs = pair.partition("=")
+        theirs_to_ours[theirs.strip()] = ours.strip()
+    engine = EmotionEngine(config_from_args(args, warmup=False))
+    base = Path(args.labels).parent
+    with open(args.labels, newline="", encoding="utf-8") as f:
+        rows = [(r["file"], r["label"].strip()) for r in csv.DictReader(f)]
+    failures: Counter = Counter()
+    truth, predicted = [], []
+    files = [str(base / file) for file, _ in rows]
+    for (name, result), (_file, label) in zip(analyze_files(engine, files, progress=True), rows):
+        ours = theirs_to_ours.get(label, label)
+        if isinstance(result, dict):
+            failures[result["code"]] += 1
+        elif ours not in engine.labels:
+            failures["unknown_label"] += 1
+            print(f"{name}: label {label!r} is not one of ours; map it with --map", file=sys.stderr)
+        else:
+            truth.append(ours)
+            predicted.append(result.emotion)
+    labels = [lab for lab in engine.labels if lab in truth or lab in predicted]
+    report = confusion_report(truth, predicted, labels)
+    report["failed"] = dict(failures)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_as_text(report))
+    if args.plot and labels:
+        _plot(report, args.plot)
+    return 0 if truth else 1
+
+
+def _as_text(report: dict) -> str:
+    labels, width = report["labels"], max([9, *map(len, report["labels"])])
+    lines = [f"files scored: {report['files']}, failed: {sum(report['failed'].values())} {report['failed'] or ''}".rstrip(),
+             f"accuracy: {report['accuracy']:.4f}   unweighted average recall: {report['unweighted_average_recall']:.4f}", "",
+             f"{'':{width}}  precision  recall     f1  support"]
+    for label in labels:
+        c = report["per_class"][label]
+        lines.append(f"{label:{width}}  {c['precision']:9.4f}  {c['recall']:6.4f} {c['f1']:6.4f}  {c['support']:7d}")
+    lines += ["", "confusion matrix (rows: truth, columns: predicted)", f"{'':{width}}  " + " ".join(f"{lab[:7]:>7}" for lab in labels)]
+    for label, row in zip(labels, report["confusion_matrix"]):
+        lines.append(f"{label:{width}}  " + " ".join(f"{n:7d}" for n in row))
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: str) -> None:
+    from emotion.plot import pyplot
+
+    plt = pyplot()
+    labels, matrix = report["labels"], np.array(report["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(labels), 1 + 0.7 * len(labels)), dpi=110)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if n > matrix.max() / 2 else "black")
+    ax.set_title(f"accuracy {report['accuracy']:.3f}, UAR {report['unweighted_average_recall']:.3f}", loc="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
