@@ -7,7 +7,9 @@ Sanic app that ``rasa run actions`` builds in each worker.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -29,6 +31,7 @@ from emotion.windows import EmotionResult, result_from_metadata
 log = logging.getLogger(__name__)
 
 ANALYZE_ACTION = "action_analyze_emotion"
+REVIEW_PAGE = Path(__file__).with_name("ui") / "review.html"
 HANDOFF_ACTION = "action_handoff_to_human"
 _hookimpl = pluggy.HookimplMarker("rasa_sdk")
 
@@ -66,6 +69,7 @@ class EmotionPlugin:
         app.register_listener(self._after_stop, "after_server_stop")
         app.add_route(self._ready, "/ready", methods=["GET"], name="emotion_ready")
         app.add_route(self._metrics, "/metrics", methods=["GET"], name="emotion_metrics")
+        app.add_route(self._review_page, "/ui", methods=["GET"], name="emotion_ui")
         api.add_routes(app, self.settings)
 
     def settings(self) -> tuple[EmotionEngine, ServerConfig]:
@@ -111,6 +115,12 @@ class EmotionPlugin:
     async def _ready(self, _request):
         status = self.engine.status()
         return response.json(status, status=200 if status["ready"] else 503)
+
+    async def _review_page(self, _request):
+        self.settings()
+        rules = [{"name": r.name, "emotions": sorted(r.emotions), "min_confidence": r.min_confidence} for r in self.rules]
+        page = REVIEW_PAGE.read_text(encoding="utf-8")
+        return response.html(page.replace("__RULES__", json.dumps(rules).replace("</", "<\\/")))
 
     async def _metrics(self, _request):
         if not self.settings()[1].metrics:

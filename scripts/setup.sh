@@ -23,6 +23,11 @@ fi
 if [ "${1:-}" = "--test" ]; then
     "${pip[@]}" -e '.[test]'
     [ -x .rasa-venv/bin/rasa ] || scripts/install-rasa-oss.sh .rasa-venv
+    # Debian's Chromium for the review page's browser test (Playwright drives it).
+    if ! command -v chromium >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || { echo "the review page test needs Chromium: apt-get install chromium (as root)" >&2; exit 1; }
+    fi
     # The engine's torch-free parts, on the lowest Python we support.
     if [ ! -x .venv310/bin/python ]; then
         py310=${PYTHON310:-}

@@ -61,7 +61,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_MODEL_FIXTURES = {"models", "tiny_model", "server", "bot", "action_server", "start_action_server", "engine"}
+_MODEL_FIXTURES = {"models", "tiny_model", "server", "bot", "action_server", "start_action_server", "engine", "browser"}
 
 
 def pytest_collection_modifyitems(items):
