@@ -9,10 +9,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from emotion.config import FRAME_HOP_S, SAMPLE_RATE_HZ  # noqa: F401  (re-exported)
 from emotion.errors import AudioTooLarge, BadReference, DecodeFailed, InvalidAudio
 
-SAMPLE_RATE_HZ = 16_000
-FRAME_HOP_S = 0.02  # one model frame: the conv front end strides 320 samples at 16 kHz
 # Headerless telephony audio: what a caller must name, and how libsndfile reads it.
 RAW_ENCODINGS = {"mulaw": "ULAW", "ulaw": "ULAW", "alaw": "ALAW", "pcm_s16le": "PCM_16"}
 

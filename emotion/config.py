@@ -17,6 +17,8 @@ MODEL_ALIASES = {
     "plus_seed": "iic/emotion2vec_plus_seed",
     "base_finetuned": "iic/emotion2vec_base_finetuned",
 }
+SAMPLE_RATE_HZ = 16_000
+FRAME_HOP_S = 0.02  # one model frame: the conv front end strides 320 samples at 16 kHz
 GRANULARITIES = ("utterance", "frame", "segment")
 # emotion2vec's nine classes, in its head's order: the one list every part checks against.
 LABELS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")

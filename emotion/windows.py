@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emotion.audio import FRAME_HOP_S, SAMPLE_RATE_HZ
-from emotion.config import GRANULARITIES
+from emotion.config import FRAME_HOP_S, GRANULARITIES, SAMPLE_RATE_HZ
 from emotion.errors import BadResult, ConfigError, EmotionError
 
 
