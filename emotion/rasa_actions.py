@@ -31,6 +31,9 @@ from emotion.windows import EmotionResult, result_from_metadata
 log = logging.getLogger(__name__)
 
 ANALYZE_ACTION = "action_analyze_emotion"
+# Rasa Pro's voice channels speak every bot message, custom payloads included.
+VOICE_CHANNELS = frozenset({"audiocodes", "audiocodes_stream", "browser_audio", "chirp", "genesys", "jambonz", "jambonz_stream",
+                            "json_audio", "signalwire", "twilio_media_streams", "twilio_voice", "vonage", "websockets_voice"})
 REVIEW_PAGE = Path(__file__).with_name("ui") / "review.html"
 HANDOFF_ACTION = "action_handoff_to_human"
 _hookimpl = pluggy.HookimplMarker("rasa_sdk")
@@ -251,12 +254,20 @@ class ActionHandoffToHuman(Action):
         return HANDOFF_ACTION
 
     async def run(self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: dict[str, Any]) -> list[dict[str, Any]]:
-        context = handoff_context(tracker, tracker.get_slot("escalation_reason"), tracker.get_slot("emotion"),
+        # Rasa Pro's pattern_human_handoff runs this for an upset caller and for one who
+        # asked for a human alike; only the first has an escalation reason.
+        reason = tracker.get_slot("escalation_reason") if tracker.get_slot("escalate") else None
+        context = handoff_context(tracker, reason or "the caller asked for a human agent", tracker.get_slot("emotion"),
                                   tracker.get_slot("emotion_confidence"), tracker.get_slot("emotion_history") or [])
-        dispatcher.utter_message(json_message={"handoff": context})
+        events = [SlotSet("escalate", False), SlotSet("handoff_context", context)]
+        if tracker.get_latest_input_channel() not in VOICE_CHANNELS:
+            dispatcher.utter_message(json_message={"handoff": context})
+        # On voice channels a custom payload would be read out to the caller: the context
+        # stays in the handoff_context slot, where the transfer (a contact-centre
+        # platform reading the tracker, or the channel's own transfer) picks it up.
         dispatcher.utter_message(response="utter_handoff")
-        log.info("conversation=%s handed off: %s", tracker.sender_id, tracker.get_slot("escalation_reason"))
-        return [SlotSet("escalate", False), ConversationPaused()]
+        log.info("conversation=%s handed off: %s", tracker.sender_id, context["reason"])
+        return [*events, ConversationPaused()]
 
 
 def _register() -> None:

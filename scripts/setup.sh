@@ -23,6 +23,12 @@ fi
 if [ "${1:-}" = "--test" ]; then
     "${pip[@]}" -e '.[test]'
     [ -x .rasa-venv/bin/rasa ] || scripts/install-rasa-oss.sh .rasa-venv
+    # Rasa Pro in its own environment, for tests/rasa_pro (its modules, never its server).
+    if [ ! -x .rasa-pro-venv/bin/rasa ]; then
+        "$python" -m venv .rasa-pro-venv
+        .rasa-pro-venv/bin/python -m pip install -q --disable-pip-version-check "rasa-pro==3.21.0" pytest soundfile soxr
+    fi
+    .rasa-pro-venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
     # Debian's Chromium for the review page's browser test (Playwright drives it).
     if ! command -v chromium >/dev/null 2>&1; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh --test) and runs lint and the whole test suite, the real-Rasa
 # end-to-end test included, then the torch-free tests again on Python 3.10 (the Python of
-# Rasa Open Source 3.6 and its rasa-sdk images). Extra arguments go to pytest.
+# Rasa Open Source 3.6 and its rasa-sdk images), and our CALM parts in Rasa Pro's own
+# environment. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
@@ -9,3 +10,4 @@ scripts/setup.sh --test
 .venv/bin/python -m pytest "$@"
 .venv310/bin/python -m pytest -m "not model" "$@" tests/test_audio.py tests/test_sources.py tests/test_batching.py \
     tests/test_rules.py tests/test_config.py
+.rasa-pro-venv/bin/python -m pytest -p no:cacheprovider "$@" tests/rasa_pro

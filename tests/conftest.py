@@ -61,6 +61,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+try:  # the Rasa Pro tests run in Rasa Pro's own environment (scripts/test.sh)
+    import rasa.dialogue_understanding  # noqa: F401
+except ImportError:
+    collect_ignore = ["rasa_pro"]
+
 _MODEL_FIXTURES = {"models", "tiny_model", "server", "bot", "action_server", "start_action_server", "engine", "browser"}
 
 

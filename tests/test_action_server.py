@@ -280,3 +280,15 @@ def test_escalations_alert_a_supervisor_in_the_background(start_action_server, m
     started = time.monotonic()
     assert slot_events(post(srv, rasa_call("c-alert-2", {"audio": {"base64": b64(wav_bytes(1.0))}})))["emotion"] == "angry"
     assert time.monotonic() - started < 2.0
+
+
+def test_on_a_voice_channel_the_handoff_context_is_never_spoken(server):
+    """Rasa Pro's voice channels read every bot message aloud, custom payloads too."""
+    call = rasa_call("c-voice", None, text="get me a person", action="action_handoff_to_human",
+                     slots={"escalate": False, "emotion": "neutral", "emotion_confidence": 0.8, "emotion_history": []})
+    call["tracker"]["events"][-1]["input_channel"] = "twilio_media_streams"
+    body = post(server, call)
+    assert [r.get("response") for r in body["responses"]] == ["utter_handoff"]
+    context = slot_events(body)["handoff_context"]
+    assert context["reason"] == "the caller asked for a human agent" and context["last_user_text"] == "get me a person"
+    assert "pause" in {e["event"] for e in body["events"]}
