@@ -66,7 +66,7 @@ try:  # the Rasa Pro tests run in Rasa Pro's own environment (scripts/test.sh)
 except ImportError:
     collect_ignore = ["rasa_pro"]
 
-_MODEL_FIXTURES = {"models", "tiny_model", "server", "bot", "action_server", "start_action_server", "engine", "browser"}
+_MODEL_FIXTURES = {"models", "tiny_model", "server", "angry_server", "bot", "action_server", "start_action_server", "engine", "browser"}
 
 
 def pytest_collection_modifyitems(items):
@@ -137,6 +137,22 @@ class ActionServer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+@pytest.fixture(scope="module")
+def angry_server(models, audio_root, tmp_path_factory, request):
+    """One action server per test module whose model scores every clip angry 0.9; a module
+    adds settings with ``SERVER_ENV``."""
+    env = {
+        "EMOTION_MODEL": str(models("angry90", angry=0.9)),
+        "EMOTION_AUDIO_ROOT": str(audio_root),
+        "EMOTION_URL_ALLOW": "127.0.0.1",
+        "_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
+        **getattr(request.module, "SERVER_ENV", {}),
+    }
+    server = ActionServer(env).wait()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -10,18 +10,8 @@ from emotion.config import LABELS
 
 
 @pytest.fixture(scope="module")
-def server(models, audio_root, tmp_path_factory):
-    from conftest import ActionServer
-
-    env = {
-        "EMOTION_MODEL": str(models("angry90", angry=0.9)),
-        "EMOTION_AUDIO_ROOT": str(audio_root),
-        "EMOTION_URL_ALLOW": "127.0.0.1",
-        "_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
-    }
-    srv = ActionServer(env).wait()
-    yield srv
-    srv.stop()
+def server(angry_server):
+    return angry_server
 
 
 def post(server, body):

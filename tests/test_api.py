@@ -7,23 +7,16 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import ActionServer, b64, encode, rasa_call, slot_events, speech_like, wav_bytes
+from conftest import b64, encode, rasa_call, slot_events, speech_like, wav_bytes
 
 from emotion.config import LABELS
 
+SERVER_ENV = {"EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024)}
+
 
 @pytest.fixture(scope="module")
-def server(models, audio_root, tmp_path_factory):
-    env = {
-        "EMOTION_MODEL": str(models("angry90", angry=0.9)),
-        "EMOTION_AUDIO_ROOT": str(audio_root),
-        "EMOTION_URL_ALLOW": "127.0.0.1",
-        "EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024),
-        "_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
-    }
-    srv = ActionServer(env).wait()
-    yield srv
-    srv.stop()
+def server(angry_server):
+    return angry_server
 
 
 def analyze(server, **kwargs):
