@@ -36,45 +36,23 @@ logger = logging.getLogger(__name__)
 RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model")
 
 
-class EmotionRestInput(RestInput):
-    @classmethod
-    def name(cls) -> str:
-        return "emotion_rest"
-
-    @classmethod
-    def from_credentials(cls, credentials: dict[str, Any] | None) -> EmotionRestInput:
-        credentials = credentials or {}
-        if not credentials.get("analyze_url"):
-            raise ValueError("emotion_channel.EmotionRestInput needs analyze_url (e.g. http://localhost:5055/v1/analyze)")
-        return cls(credentials["analyze_url"], credentials.get("token"), float(credentials.get("timeout_s", 3.0)))
+class EmotionAnalyzer:
+    """A client of the action server's analysis API, configured from credentials."""
 
     def __init__(self, analyze_url: str, token: str | None = None, timeout_s: float = 3.0) -> None:
         self.analyze_url = analyze_url
         self.token = token
         self.timeout_s = timeout_s
 
-    def blueprint(self, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> Blueprint:
-        blueprint = super().blueprint(on_new_message)
-
-        @blueprint.middleware("request")
-        async def analyze_audio(request: Request) -> None:
-            if request.method != "POST" or not request.path.endswith("/webhook"):
-                return
-            try:
-                body = request.json
-            except Exception:  # the REST channel answers a bad body itself
-                return
-            metadata = body.get("metadata") if isinstance(body, dict) else None
-            if isinstance(metadata, dict) and "audio" in metadata:
-                metadata = {k: v for k, v in metadata.items() if k != "audio"}
-                metadata["emotion"] = await self.analyze(body["metadata"]["audio"])
-                # The REST channel reads the parsed body: from here on it holds no audio.
-                request.parsed_json = {**body, "metadata": metadata}
-
-        return blueprint
+    @classmethod
+    def from_credentials(cls, credentials: dict[str, Any] | None, where: str) -> EmotionAnalyzer:
+        credentials = credentials or {}
+        if not credentials.get("analyze_url"):
+            raise ValueError(f"{where} needs analyze_url (e.g. http://localhost:5055/v1/analyze)")
+        return cls(credentials["analyze_url"], credentials.get("token"), float(credentials.get("timeout_s", 3.0)))
 
     async def analyze(self, audio: Any) -> dict[str, Any]:
-        """The utterance result for ``metadata.audio``, or ``{"error": {code, message}}``."""
+        """The utterance result for an audio reference, or ``{"error": {code, message}}``."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
@@ -94,6 +72,39 @@ class EmotionRestInput(RestInput):
         except aiohttp.ClientError as exc:
             logger.warning("emotion analysis API unreachable at %s: %s", self.analyze_url, exc)
             return _error("analysis_unavailable", f"the analysis API is unreachable: {type(exc).__name__}")
+
+
+class EmotionRestInput(RestInput):
+    @classmethod
+    def name(cls) -> str:
+        return "emotion_rest"
+
+    @classmethod
+    def from_credentials(cls, credentials: dict[str, Any] | None) -> EmotionRestInput:
+        return cls(EmotionAnalyzer.from_credentials(credentials, "emotion_channel.EmotionRestInput"))
+
+    def __init__(self, analyzer: EmotionAnalyzer) -> None:
+        self.analyzer = analyzer
+
+    def blueprint(self, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> Blueprint:
+        blueprint = super().blueprint(on_new_message)
+
+        @blueprint.middleware("request")
+        async def analyze_audio(request: Request) -> None:
+            if request.method != "POST" or not request.path.endswith("/webhook"):
+                return
+            try:
+                body = request.json
+            except Exception:  # the REST channel answers a bad body itself
+                return
+            metadata = body.get("metadata") if isinstance(body, dict) else None
+            if isinstance(metadata, dict) and "audio" in metadata:
+                metadata = {k: v for k, v in metadata.items() if k != "audio"}
+                metadata["emotion"] = await self.analyzer.analyze(body["metadata"]["audio"])
+                # The REST channel reads the parsed body: from here on it holds no audio.
+                request.parsed_json = {**body, "metadata": metadata}
+
+        return blueprint
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ if [ "${1:-}" = "--test" ]; then
     # Rasa Pro in its own environment, for tests/rasa_pro (its modules, never its server).
     if [ ! -x .rasa-pro-venv/bin/rasa ]; then
         "$python" -m venv .rasa-pro-venv
-        .rasa-pro-venv/bin/python -m pip install -q --disable-pip-version-check "rasa-pro==3.21.0" pytest soundfile soxr
+        .rasa-pro-venv/bin/python -m pip install -q --disable-pip-version-check "rasa-pro==3.21.0" "twilio>=9.12,<9.13" pytest soundfile soxr
     fi
     .rasa-pro-venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
     # Debian's Chromium for the review page's browser test (Playwright drives it).

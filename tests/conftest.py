@@ -61,6 +61,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# In Rasa Pro's environment, keep its libraries off the network: LiteLLM would fetch a
+# price list on import, telemetry would phone home.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
 try:  # the Rasa Pro tests run in Rasa Pro's own environment (scripts/test.sh)
     import rasa.dialogue_understanding  # noqa: F401
 except ImportError:
@@ -101,13 +105,13 @@ def tiny_model(models) -> Path:
 class ActionServer:
     """The real rasa-sdk action server with our actions package, in its own process."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, env: dict[str, str], port: int | None = None, python: str = sys.executable) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "SANIC_HOST": "127.0.0.1", **env}
         self.log = open(Path(env.get("_LOG_DIR", "/tmp")) / f"action-server-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(self.port)],
+            [python, "-m", "rasa_sdk", "--actions", "actions", "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
             # Sanic kills a failed worker's whole process group: keep the tests out of it.
             start_new_session=True,

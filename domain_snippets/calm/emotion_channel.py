@@ -1,0 +1,1 @@
+../emotion_channel.py

@@ -1,0 +1,210 @@
+"""emotion_voice against Rasa Pro 3.21's own voice-stream code: its Twilio Media Streams
+channel (loaded from credentials by Rasa Pro's own loader), its audio loop
+(``_consume_audio_bytes``), its recogniser loop (``receive_asr_events``) and its input
+events, fed 8 kHz mu-law media frames as Twilio sends them. The analysis runs on our real
+action server (in the project's main environment) with a checkpoint whose head is set to
+angry 0.9. Mocked, because it cannot run here: Rasa Pro's voice licence check, and the
+recogniser's cloud service (a scripted ASREngine ends each turn after a set number of
+bytes, as an endpointing recogniser would)."""
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import rasa.core.processor  # noqa: F401  (imports Rasa Pro's modules in the order its server does)
+import soxr
+from conftest import ROOT, ActionServer, encode, free_port, speech_like
+from rasa.core.channels.conversation_queue.queue import InMemoryConversationQueue
+from rasa.core.channels.voice_ready.utils import CallParameters
+from rasa.core.channels.voice_stream import voice_channel
+from rasa.core.channels.voice_stream.asr.asr_engine import ASREngine, ASREngineConfig, ASRLanguageMapEntry
+from rasa.core.channels.voice_stream.asr.asr_event import NewTranscript
+from rasa.core.channels.voice_stream.call_state import CallState, _call_state
+from rasa.core.run import _create_single_channel
+from rasa.core.voice.event_composition.events.input_events import FinalTranscriptInputEvent
+from rasa.engine.storage.resource import Resource
+from rasa.shared.core.domain import Domain
+from rasa.shared.nlu.training_data.message import Message
+
+CALM = ROOT / "domain_snippets" / "calm"
+sys.path.insert(0, str(CALM))
+from emotion_calm import EmotionCommandGenerator, EmotionHandoffCommand  # noqa: E402
+from test_calm import new_tracker  # noqa: E402
+
+# The action server runs where torch and FunASR are: the project's main environment.
+MAIN_PYTHON = os.environ.get("EMOTION_MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+FRAME_BYTES = 160  # Twilio sends 20 ms of 8 kHz mu-law per media message
+
+
+@pytest.fixture(scope="module")
+def analysis_api(tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("models") / "angry90"
+    subprocess.run([MAIN_PYTHON, "-m", "emotion", "make-checkpoint", str(checkpoint), "--head", "angry=0.9"],
+                   cwd=ROOT, check=True, capture_output=True)
+    server = ActionServer({"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))},
+                          python=MAIN_PYTHON).wait()
+    yield server.url + "/v1/analyze"
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_licence_check(monkeypatch):
+    monkeypatch.setattr(voice_channel, "validate_voice_license_scope", lambda: None)
+
+
+def twilio_channel(analyze_url: str, **emotion):
+    return _create_single_channel("emotion_voice.TwilioMediaStreams", {
+        "server_url": "bot.example.com", "asr": {"name": "deepgram"}, "tts": {"name": "azure"},
+        "emotion": {"analyze_url": analyze_url, **emotion}})
+
+
+def mulaw_frames(seconds: float, seed: int) -> list[str]:
+    """A caller's turn as Twilio's media messages."""
+    wave = soxr.resample(speech_like(seconds, seed=seed), 16000, 8000)
+    ulaw = encode(wave, 8000, "RAW", "ULAW")
+    return [json.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": base64.b64encode(ulaw[i:i + FRAME_BYTES]).decode()}})
+            for i in range(0, len(ulaw), FRAME_BYTES)]
+
+
+class Recogniser(ASREngine[ASREngineConfig]):
+    """Ends a turn with a final transcript once it has heard that turn's bytes."""
+
+    def __init__(self, turns: list[tuple[int, str]]) -> None:
+        super().__init__("en", voice_channel.MULAW_8KHZ)
+        self.turns, self.heard = list(turns), 0
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    @classmethod
+    def name(cls) -> str:
+        return "scripted"
+
+    @staticmethod
+    def get_default_config(rasa_language: str) -> ASREngineConfig:
+        return ASREngineConfig(language_map={rasa_language: ASRLanguageMapEntry()})
+
+    async def send_audio_chunks(self, chunk) -> None:
+        self.heard += len(chunk.data)
+        if self.turns and self.heard >= self.turns[0][0]:
+            self.heard = 0
+            await self.events.put(NewTranscript(self.turns.pop(0)[1]))
+            if not self.turns:
+                await self.events.put(None)
+
+    async def stream_asr_events(self):
+        while (event := await self.events.get()) is not None:
+            yield event
+
+
+class TwilioSocket:
+    """The call's websocket: each turn's media frames, then a wait until the recogniser's
+    final reaches Rasa's input queue, as a caller waits for the bot."""
+
+    def __init__(self, turns: list[list[str]], queue: "CountingQueue") -> None:
+        self.turns, self.queue = turns, queue
+
+    async def __aiter__(self):
+        for number, frames in enumerate(self.turns, 1):
+            for frame in frames:
+                yield frame
+            await self.queue.wait_for(number)
+        yield json.dumps({"event": "stop"})
+
+
+class CountingQueue(InMemoryConversationQueue):
+    """Rasa Pro's input queue, keeping the final transcripts it was given."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.finals: list[FinalTranscriptInputEvent] = []
+
+    async def put(self, event) -> None:
+        await super().put(event)
+        if isinstance(event, FinalTranscriptInputEvent):
+            self.finals.append(event)
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.finals) < count:
+            await asyncio.sleep(0.005)
+
+
+async def run_call(channel, turns: list[tuple[float, str]]) -> list[FinalTranscriptInputEvent]:
+    """One call through Rasa Pro's own audio and recogniser loops."""
+    _call_state.set(CallState())
+    frames = [mulaw_frames(seconds, seed) for seed, (seconds, _) in enumerate(turns)]
+    recogniser = Recogniser([(sum(len(base64.b64decode(json.loads(f)["media"]["payload"])) for f in fs), text)
+                             for fs, (_, text) in zip(frames, turns)])
+    queue = CountingQueue("CA1", channel.name())
+    call = CallParameters(call_id="CA1", user_phone="+15550100", stream_id="MZ1")
+    socket = TwilioSocket(frames, queue)
+    await asyncio.wait_for(asyncio.gather(
+        channel._consume_audio_bytes(socket, recogniser, queue, call),
+        channel.receive_asr_events(recogniser, None, socket, call, queue)), timeout=60)
+    return queue.finals
+
+
+def test_each_turn_is_cut_at_the_recognisers_final_and_tagged(analysis_api):
+    channel = twilio_channel(analysis_api)
+    assert channel.name() == "twilio_media_streams"  # the same webhook paths as Rasa Pro's channel
+    finals = asyncio.run(run_call(channel, [(1.5, "my bill is wrong"), (2.5, "I want a refund now")]))
+    assert [f.text for f in finals] == ["my bill is wrong", "I want a refund now"]
+    for final, seconds in zip(finals, (1.5, 2.5)):
+        emotion = final.metadata["emotion"]
+        assert emotion["emotion"] == "angry" and emotion["confidence"] == pytest.approx(0.9, abs=1e-4)
+        assert emotion["duration_s"] == pytest.approx(seconds, abs=0.01)  # this turn's audio, no more
+        assert final.metadata["call_id"] == "CA1"  # Rasa Pro's call parameters are kept
+        assert len(json.dumps(final.metadata)) < 1000  # a result, never the audio
+
+
+def test_the_tagged_voice_turn_hands_off_on_that_turn(analysis_api):
+    finals = asyncio.run(run_call(twilio_channel(analysis_api), [(2.0, "this is the third time I call")]))
+    generator = EmotionCommandGenerator.create({"rules": str(CALM.parent / "emotion_rules.yml")}, None, Resource("emotion"), None)
+    message = Message(data={"text": finals[0].text, "metadata": finals[0].metadata})
+    commands = asyncio.run(generator.predict_commands(message, None, new_tracker(Domain.from_path(CALM / "domain.yml"))))
+    assert commands == [EmotionHandoffCommand("angry_caller", "angry_caller: angry 0.90 >= 0.70")]
+
+
+def test_long_turns_keep_their_last_seconds(analysis_api):
+    finals = asyncio.run(run_call(twilio_channel(analysis_api, max_turn_s=1), [(3.0, "let me explain everything")]))
+    assert finals[0].metadata["emotion"]["duration_s"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_with_the_api_down_the_turn_goes_on_with_the_reason(tmp_path):
+    finals = asyncio.run(run_call(twilio_channel(f"http://127.0.0.1:{free_port()}/v1/analyze", timeout_s=2),
+                                  [(1.0, "hello")]))
+    assert finals[0].text == "hello"
+    assert finals[0].metadata["emotion"]["error"]["code"] == "analysis_unavailable"
+
+
+def test_configuration_errors_are_named_at_startup():
+    with pytest.raises(ValueError, match="emotion_voice.TwilioMediaStreams: emotion needs analyze_url"):
+        _create_single_channel("emotion_voice.TwilioMediaStreams", {
+            "server_url": "bot.example.com", "asr": {"name": "deepgram"}, "tts": {"name": "azure"}})
+    with pytest.raises(Exception, match="Failed to find input channel class"):
+        _create_single_channel("emotion_voice.Skype", {"emotion": {"analyze_url": "http://127.0.0.1:1/v1/analyze"}})
+
+
+def test_every_listed_channel_is_a_rasa_pro_voice_channel():
+    import emotion_voice
+
+    for name in emotion_voice.CHANNELS:
+        cls = getattr(emotion_voice, name)
+        assert issubclass(cls, voice_channel.VoiceInputChannel) and cls.name() == cls.__mro__[2].name()
+
+
+def test_no_audio_no_tag(analysis_api):
+    """A turn the recogniser ends with no caller audio buffered (a typed test turn) gets no emotion."""
+    async def call():
+        _call_state.set(CallState())
+        queue = CountingQueue("CA2", "twilio_media_streams")
+        await twilio_channel(analysis_api).handle_asr_event(NewTranscript("hi"), queue,
+                                                             CallParameters(call_id="CA2", user_phone="+1"))
+        return queue.finals
+
+    finals = asyncio.run(call())
+    assert "emotion" not in finals[0].metadata and finals[0].metadata == asdict(CallParameters(call_id="CA2", user_phone="+1"))
+
