@@ -85,8 +85,8 @@ def run_isolated(run_batch: Callable[[list[Any]], Sequence[Any]], items: list[An
 class MicroBatcher:
     """Runs ``run_batch`` on one worker thread over batches of concurrently submitted items.
 
-    A batch closes when it holds ``max_batch_size`` items or when its oldest item has
-    waited ``max_wait_ms``. Items are grouped by ``plan_batches`` and run by
+    While a batch runs, new items wait and join the next plan; an idle batcher waits at
+    most ``max_wait_ms`` from the first item's arrival for a fuller batch. Items are grouped by ``plan_batches`` and run by
     ``run_isolated``, so one bad item (or an out-of-memory batch) fails alone. A full
     queue answers ``Overloaded`` at once.
     """
@@ -97,7 +97,7 @@ class MicroBatcher:
         *,
         size: Callable[[Any], float] = lambda _item: 1.0,
         max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 2.0,
         max_queue: int = 512,
         max_batch_cost: float = float("inf"),
         on_batch: Callable[[int, float], None] | None = None,
@@ -110,7 +110,12 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emotion-infer")
         self._task: asyncio.Task | None = None
-        self._taken: list[_Pending] = []  # off the queue, not yet answered
+        # Off the queue, not yet answered: waiting to be planned, and in the batch running.
+        self._pool: list[_Pending] = []
+        self._running: list[_Pending] = []
+        # How many waiting items one plan looks at: enough for full batches of each length.
+        self._plan_window = 4 * max_batch_size
+        self._idle_since = 0.0  # when the last batch ended
         self._on_batch = on_batch
         self.stats = BatchStats()
 
@@ -128,11 +133,12 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         while not self._queue.empty():
-            self._taken.append(self._queue.get_nowait())
-        for pending in self._taken:
+            self._pool.append(self._queue.get_nowait())
+        for pending in self._pool + self._running:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded("the engine is shutting down"))
-        self._taken = []
+        self._pool.clear()
+        self._running = []
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, item: Any, *, timeout_s: float = 30.0) -> Any:
@@ -147,30 +153,41 @@ class MicroBatcher:
         return await future
 
     async def _loop(self) -> None:
+        # Continuous batching: after each batch, everything waiting (what was left and what
+        # arrived while the batch ran) is planned afresh, and the batch holding the oldest
+        # item runs next, so no length starves. Only an idle engine waits for company.
+        pool = self._pool
         while True:
-            first = await self._queue.get()
-            self._taken = group = [first]
-            cost = first.size
-            # The wait is counted from the oldest item's arrival: items that queued while the
-            # previous batch ran have waited already and go at once.
-            close_at = first.enqueued + self.max_wait_s
-            while len(group) < self.max_batch_size and cost < self.max_batch_cost:
-                if not self._queue.empty():
-                    group.append(self._queue.get_nowait())
-                    cost += group[-1].size
-                    continue
-                remaining = close_at - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    group.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    cost += group[-1].size
-                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                    break
-            live = self._live(group)
-            for indices in plan_batches([p.size for p in live], max_batch_size=self.max_batch_size, max_cost=self.max_batch_cost):
-                await self._run([live[i] for i in indices])
-            self._taken = []
+            if not pool:
+                pool.append(await self._queue.get())
+                if pool[0].enqueued >= self._idle_since:  # it did not queue behind a batch
+                    await self._gather_while_idle(pool)
+            while not self._queue.empty() and len(pool) < self._plan_window:
+                pool.append(self._queue.get_nowait())
+            pool[:] = self._live(pool)
+            if not pool:
+                continue
+            plan = plan_batches([p.size for p in pool], max_batch_size=self.max_batch_size, max_cost=self.max_batch_cost)
+            chosen = set(next(b for b in plan if 0 in b))  # the pool is in arrival order
+            self._running = [p for i, p in enumerate(pool) if i in chosen]
+            pool[:] = [p for i, p in enumerate(pool) if i not in chosen]
+            await self._run(self._running)
+            self._running = []
+            self._idle_since = time.monotonic()
+
+    async def _gather_while_idle(self, pool: list[_Pending]) -> None:
+        # The wait is counted from the oldest item's arrival, and ends early once a batch is full.
+        close_at = pool[0].enqueued + self.max_wait_s
+        cost = pool[0].size
+        while len(pool) < self.max_batch_size and cost < self.max_batch_cost:
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                pool.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                return
+            cost += pool[-1].size
 
     @staticmethod
     def _live(group: list[_Pending]) -> list[_Pending]:

@@ -60,8 +60,9 @@ def _run_bench(args: argparse.Namespace) -> dict:
         report["engine"] = {str(c): asyncio.run(_engine_level(engine, clips, c)) for c in args.concurrency}
         best = max(level["clips_per_s"] for level in report["engine"].values())
         report["speedup_over_baseline"] = round(best / report["funasr_generate_baseline"]["clips_per_s"], 2)
+        report["recompiles_after_ready"] = engine.status()["graph_compiles_after_ready"]
         if args.compare_fp32 and model.dtype_name != "float32":
-            report["reduced_precision_vs_fp32"] = _compare_fp32(model, plain, clips[:64])
+            report["reduced_precision_vs_fp32"] = _compare_fp32(model, plain, args)
         if args.server_turns:
             report["action_server"] = _server(model_dir, config, args)
         report["peak_memory_mb"] = _peak_memory(model.device)
@@ -75,7 +76,7 @@ def _clips(args: argparse.Namespace) -> list[np.ndarray]:
         lengths = [args.fixed_seconds] * args.clips
     else:
         lengths = rng.uniform(args.seconds[0], args.seconds[1], args.clips)
-    return [(rng.standard_normal(int(s * SAMPLE_RATE_HZ)) * 0.1).astype(np.float32) for s in lengths]
+    return [_speech(rng, s) for s in lengths]
 
 
 def _stats(latencies_s: list[float], clips: list[np.ndarray], elapsed_s: float) -> dict:
@@ -132,9 +133,13 @@ async def _engine_level(engine: EmotionEngine, clips: list[np.ndarray], concurre
     return out
 
 
-def _compare_fp32(model, reference, clips: list[np.ndarray]) -> dict:
-    low = np.stack([o.probs for o in model.forward(clips)])
-    high = np.stack([o.probs for o in reference.forward(clips)])
+def _compare_fp32(model, reference, args: argparse.Namespace) -> dict:
+    """The reduced-precision model against fp32 on ``--agreement-clips`` mixed clips."""
+    rng = np.random.default_rng(2)
+    clips = [_speech(rng, s) for s in rng.uniform(*args.seconds, args.agreement_clips)]
+    chunks = [clips[i:i + 32] for i in range(0, len(clips), 32)]
+    low = np.stack([o.probs for chunk in chunks for o in model.forward(chunk)])
+    high = np.stack([o.probs for chunk in chunks for o in reference.forward(chunk)])
     return {
         "clips": len(clips),
         "argmax_agreement": round(float((low.argmax(1) == high.argmax(1)).mean()), 4),
@@ -143,16 +148,157 @@ def _compare_fp32(model, reference, clips: list[np.ndarray]) -> dict:
 
 
 def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
-    """Turns over HTTP through the real rasa-sdk server: fetch + decode + inference + slots."""
-    env = {"EMOTION_MODEL": model_dir, "EMOTION_DEVICE": config.device, "EMOTION_DTYPE": config.dtype}
+    """Turns over HTTP through the real rasa-sdk server, offered open-loop (Poisson arrivals
+    at ``--server-rate`` from ``--load-processes`` processes), mixed lengths, on each way
+    audio reaches the server."""
+    env = {"EMOTION_MODEL": model_dir, "EMOTION_DEVICE": config.device, "EMOTION_DTYPE": config.dtype,
+           "EMOTION_URL_ALLOW": "127.0.0.1/32"}
     if config.max_batch_size:
         env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
+    with tempfile.TemporaryDirectory() as clips_dir:
+        wavs = _turn_wavs(args, Path(clips_dir))
+        try:
+            with action_server(env) as (_proc, url), _file_server(clips_dir) as clips_url:
+                report = {path: asyncio.run(_open_loop(url, path, args, clips_url, len(wavs))) for path in SERVER_PATHS}
+                import httpx
+
+                result = httpx.post(url + "/v1/analyze", content=wavs[0], headers={"Content-Type": "audio/wav"}, timeout=120).json()
+                report["tracker_bytes_per_turn"] = tracker_bytes_per_turn(wavs[0], result)
+                report["recompiles_after_ready"] = httpx.get(url + "/ready").json()["graph_compiles_after_ready"]
+                return report
+        except RuntimeError as exc:
+            return {"error": str(exc)}
+
+
+# The production paths the README recommends (the API with raw bytes; the webhook with URL
+# references), and the inline base64 one it warns about.
+SERVER_PATHS = ("api_raw_bytes", "webhook_url", "webhook_base64")
+
+
+def _turn_wavs(args: argparse.Namespace, directory: Path) -> list[bytes]:
+    """Mixed-length turns as WAV files, the same for every path; 64 distinct, reused."""
+    rng = np.random.default_rng(1)
+    wavs = []
+    for i in range(min(64, args.server_turns)):
+        seconds = args.fixed_seconds or rng.uniform(*args.seconds)
+        wav = encode_audio(_speech(rng, seconds), SAMPLE_RATE_HZ, "WAV", "PCM_16")
+        (directory / f"turn-{i}.wav").write_bytes(wav)
+        wavs.append(wav)
+    return wavs
+
+
+def _speech(rng, seconds: float) -> np.ndarray:
+    return (rng.standard_normal(int(seconds * SAMPLE_RATE_HZ)) * 0.1).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _file_server(directory: str):
+    """Python's own static file server in a child process on loopback: the recordings store
+    the webhook's URL references point at."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", directory],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with action_server(env) as (_proc, url):
-            return {"webhook_base64": asyncio.run(_server_load(url, args, "webhook")),
-                    "api_raw_bytes": asyncio.run(_server_load(url, args, "api"))}
-    except RuntimeError as exc:
-        return {"error": str(exc)}
+        _wait_for(f"http://127.0.0.1:{port}/", proc, 30.0)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: str, distinct: int) -> dict:
+    """Offer ``--server-turns`` turns at ``--server-rate`` per second, each sent at its
+    arrival time whether or not earlier ones were answered, and probe /health meanwhile."""
+    import concurrent.futures
+    import multiprocessing
+
+    import httpx
+
+    processes = max(1, args.load_processes)
+    start_at = time.monotonic() + 2.0  # every load process is up by then
+    health: list[float] = []
+    done = asyncio.Event()
+
+    async def probe():
+        async with httpx.AsyncClient(timeout=30) as client:
+            while not done.is_set():
+                t = time.perf_counter()
+                await client.get(url + "/health")
+                health.append((time.perf_counter() - t) * 1000)
+                await asyncio.sleep(0.02)
+
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = [loop.run_in_executor(pool, _load_process, url, path, clips_url, distinct, args.server_turns // processes
+                                     + (k < args.server_turns % processes), args.server_rate / processes, start_at, k)
+                for k in range(processes)]
+        prober = asyncio.create_task(probe())
+        parts = await asyncio.gather(*runs)
+        done.set()
+        await prober
+    sent = sorted(t for part in parts for t in part["sent_at"])
+    ok = [lat for part in parts for lat, status in zip(part["latency_s"], part["status"]) if status == 200]
+    finished = max(part["last_done"] for part in parts)
+    statuses = [s for part in parts for s in part["status"]]
+    return {
+        "turns": len(statuses),
+        "offered_turns_per_s": round((len(sent) - 1) / (sent[-1] - sent[0]), 1) if len(sent) > 1 else None,
+        "turns_per_s": round(len(ok) / (finished - sent[0]), 1),
+        "latency_ms": _percentiles_ms(ok, 50, 95, 99) if ok else None,
+        "errors": len(statuses) - len(ok),
+        "error_kinds": {str(s): statuses.count(s) for s in sorted(set(statuses), key=str) if s != 200},
+        "health_ms_while_busy": {"probes": len(health), "p50": round(float(np.median(health)), 1),
+                                 "max": round(max(health), 1)},
+    }
+
+
+def _load_process(url: str, path: str, clips_url: str, distinct: int, turns: int, rate: float, start_at: float, seed: int) -> dict:
+    """One load process: Poisson arrivals at ``rate``, from ``start_at`` (CLOCK_MONOTONIC is
+    shared by every process on the machine)."""
+    return asyncio.run(_arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed))
+
+
+async def _arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed) -> dict:
+    import httpx
+
+    rng = np.random.default_rng(100 + seed)
+    offsets = np.cumsum(rng.exponential(1 / rate, turns)) if rate > 0 else np.zeros(turns)
+    wavs = {}
+    out = {"sent_at": [], "latency_s": [], "status": [], "last_done": 0.0}
+
+    def body(i: int) -> dict:
+        clip = int(rng.integers(distinct))
+        if path == "webhook_url":
+            return {"json": webhook_call(f"load-{seed}-{i}", {"url": f"{clips_url}/turn-{clip}.wav"})}
+        if clip not in wavs:
+            wavs[clip] = httpx.get(f"{clips_url}/turn-{clip}.wav").content
+        if path == "api_raw_bytes":
+            return {"content": wavs[clip], "headers": {"Content-Type": "audio/wav"}}
+        return {"json": webhook_call(f"load-{seed}-{i}", {"base64": base64.b64encode(wavs[clip]).decode()})}
+
+    bodies = [body(i) for i in range(turns)]  # built before the clock starts
+    endpoint = url + ("/v1/analyze" if path == "api_raw_bytes" else "/webhook")
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
+        async def send(i: int) -> None:
+            await asyncio.sleep(max(0.0, start_at + offsets[i] - time.monotonic()))
+            t = time.monotonic()
+            out["sent_at"].append(t)
+            try:
+                r = await client.post(endpoint, **bodies[i])
+                status = r.status_code
+                if status == 200 and path != "api_raw_bytes":  # Rasa's action call: a failed turn is a slot
+                    slots = {e.get("name"): e.get("value") for e in r.json().get("events", [])}
+                    status = "emotion_error" if slots.get("emotion_error") else 200
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            out["latency_s"].append(time.monotonic() - t)
+            out["status"].append(status)
+            out["last_done"] = max(out["last_done"], time.monotonic())
+
+        await asyncio.gather(*(send(i) for i in range(turns)))
+    return out
 
 
 def tracker_bytes_per_turn(wav: bytes, result: dict) -> dict:
@@ -184,8 +330,6 @@ def webhook_call(sender: str, audio: dict, text: str = "") -> dict:
 def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
     """The real rasa-sdk action server with our actions, in a child process on a free
     loopback port; yields (process, url) once /ready answers 200."""
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -197,17 +341,11 @@ def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError("action server did not start: " + log.read()[-1500:])
-            time.sleep(0.3)
+        try:
+            _wait_for(url + "/ready", proc, timeout_s)
+        except RuntimeError:
+            log.seek(0)
+            raise RuntimeError("action server did not start: " + log.read()[-1500:]) from None
         yield proc, url
     finally:
         proc.terminate()
@@ -215,61 +353,19 @@ def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
         log.close()
 
 
-async def _server_load(url: str, args: argparse.Namespace, path: str) -> dict:
-    """``path`` "webhook": Rasa's action call with the audio inline; "api": the raw audio
-    bytes to /v1/analyze, as a voice gateway sends them."""
+def _wait_for(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     import httpx
 
-    rng = np.random.default_rng(1)
-    bodies = []
-    for i in range(args.server_turns):
-        seconds = args.fixed_seconds or rng.uniform(*args.seconds)
-        wav = encode_audio((rng.standard_normal(int(seconds * SAMPLE_RATE_HZ)) * 0.1).astype(np.float32), SAMPLE_RATE_HZ, "WAV", "PCM_16")
-        if path == "api":
-            bodies.append({"content": wav, "headers": {"Content-Type": "audio/wav"}})
-        else:
-            bodies.append({"json": webhook_call(f"bench-{i}", {"base64": base64.b64encode(wav).decode()})})
-    endpoint = url + ("/v1/analyze" if path == "api" else "/webhook")
-    first: list = []  # the first answered API turn: (audio, result)
-    latencies, health, statuses = [], [], []
-    done = asyncio.Event()
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=args.server_concurrency + 4)) as client:
-        async def caller():
-            while bodies:
-                body = bodies.pop()
-                t = time.perf_counter()
-                r = await client.post(endpoint, **body)
-                latencies.append(time.perf_counter() - t)
-                statuses.append(r.status_code)
-                if path == "api" and not first and r.status_code == 200:
-                    first[:] = [body["content"], r.json()]
-
-        async def probe():
-            await asyncio.sleep(0.01)  # once the first turns are in flight
-            while True:
-                t = time.perf_counter()
-                await client.get(url + "/health")
-                health.append((time.perf_counter() - t) * 1000)
-                if done.is_set():
-                    break
-                await asyncio.sleep(0.05)
-
-        prober = asyncio.create_task(probe())
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(args.server_concurrency)))
-        elapsed = time.perf_counter() - started
-        done.set()
-        await prober
-    return {
-        "turns": len(latencies),
-        "concurrency": args.server_concurrency,
-        "non_200": sum(s != 200 for s in statuses),
-        "turns_per_s": round(len(latencies) / elapsed, 2),
-        "latency_ms": _percentiles_ms(latencies, 50, 95, 99),
-        "health_ms_while_busy": {"probes": len(health), "p50": round(float(np.median(health)), 1) if health else None,
-                                 "max": round(max(health), 1) if health else None},
-        **({"tracker_bytes_per_turn": tracker_bytes_per_turn(*first)} if first else {}),
-    }
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s")
+        time.sleep(0.2)
 
 
 def _sync(device) -> None:

@@ -34,7 +34,7 @@ class EngineConfig:
     labels: tuple[str, ...] = ()  # empty: every label of the model
     # 0 picks per device: the benchmark shows padded batches pay off on a GPU only.
     max_batch_size: int = 0
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 2.0
     max_queue: int = 512
     max_batch_audio_seconds: float = 600.0
     window_seconds: float = 30.0

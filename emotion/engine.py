@@ -32,6 +32,7 @@ class EmotionEngine:
         self.model = None
         self.error: str | None = None
         self.warm = False
+        self._graphs_at_ready = 0
         self._batcher: MicroBatcher | None = None
         self._fetcher: AudioFetcher | None = None
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
@@ -57,6 +58,8 @@ class EmotionEngine:
             raise
         if self.config.warmup:
             self._warmup()
+        # A graph compiled while serving stalls every conversation: /ready counts them.
+        self._graphs_at_ready = self.model.compiled_graphs()
         self.warm = True
         log.info("emotion model %s ready on %s (%s), labels %s", self.config.model, self.model.device, self.model.dtype_name, self.model.labels)
         return self
@@ -110,6 +113,7 @@ class EmotionEngine:
             "labels": model.labels if model else None,
             "max_batch_size": self.max_batch_size if model else None,
             "queue_depth": self._batcher.depth if self._batcher else 0,
+            "graph_compiles_after_ready": model.compiled_graphs() - self._graphs_at_ready if self.warm else None,
             "error": self.error,
         }
 

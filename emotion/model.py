@@ -111,6 +111,13 @@ class EmotionModel:
                 for block in use_flex_attention(self.net):
                     block.compile(dynamic=True)
 
+    @staticmethod
+    def compiled_graphs() -> int:
+        """Graphs torch.compile has built in this process so far (all models)."""
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")

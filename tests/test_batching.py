@@ -188,3 +188,33 @@ def test_close_answers_items_already_taken_off_the_queue():
 
     out = run(main())
     assert all(isinstance(o, Overloaded) and "shutting down" in str(o) for o in out)
+
+
+def test_items_arriving_while_a_batch_runs_go_next_without_a_timer_wait():
+    """Continuous batching: the wait for company is for an idle engine only."""
+    rec = Recorder(delay_s=0.1)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=2, max_wait_ms=2000)
+        started = time.monotonic()
+        first = [asyncio.create_task(b.submit(i)) for i in ("a", "b")]  # a full batch: runs at once
+        await asyncio.sleep(0.03)
+        late = await b.submit("c")  # arrives while [a, b] runs
+        elapsed = time.monotonic() - started
+        await asyncio.gather(*first)
+        await b.close()
+        return late, elapsed
+
+    late, elapsed = run(main())
+    assert late == "done:c" and rec.batches == [["a", "b"], ["c"]]
+    assert elapsed < 1.0  # not the 2 s an idle engine would wait for a second item
+
+
+def test_mixed_lengths_fill_whole_batches_instead_of_fragments():
+    """64 turns of two lengths, interleaved as calls send them: planned together they make
+    four full batches, not eight half ones."""
+    rec = Recorder(delay_s=0.01)
+    sizes = [1.0, 5.0] * 32
+    submit_all(rec, range(64), size=lambda i: sizes[i], max_batch_size=16, max_wait_ms=50)
+    assert [len(b) for b in rec.batches] == [16, 16, 16, 16]
+    assert all(len({sizes[i] for i in b}) == 1 for b in rec.batches)

@@ -80,16 +80,18 @@ def test_bad_model_is_a_clear_error(files, tmp_path):
 
 def test_small_benchmark_runs_and_reports(tmp_path):
     proc = cli("bench", "--size", "tiny", "--device", "cpu", "--clips", "12", "--baseline-clips", "4", "--concurrency", "1", "4",
-               "--server-turns", "8", "--server-concurrency", "4", timeout=600)
+               "--server-turns", "12", "--server-rate", "6", "--load-processes", "2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["funasr_generate_baseline"]["clips_per_s"] > 0
     assert set(report["engine"]) == {"1", "4"}
     assert sum(int(n) * count for n, count in report["engine"]["4"]["batch_sizes_seen"].items()) == 12
-    for path in ("webhook_base64", "api_raw_bytes"):
+    for path in ("api_raw_bytes", "webhook_url", "webhook_base64"):
         run = report["action_server"][path]
-        assert run["non_200"] == 0 and run["turns"] == 8 and run["health_ms_while_busy"]["probes"] > 0
-    tracker = report["action_server"]["api_raw_bytes"]["tracker_bytes_per_turn"]
+        assert run["errors"] == 0 and run["turns"] == 12 and run["health_ms_while_busy"]["probes"] > 0, run
+        assert 0 < run["offered_turns_per_s"] and 0 < run["turns_per_s"] and run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
+    assert report["recompiles_after_ready"] == 0 and report["action_server"]["recompiles_after_ready"] == 0
+    tracker = report["action_server"]["tracker_bytes_per_turn"]
     assert tracker["metadata.emotion (api or EmotionRestInput)"] < 1500 < 20_000 < tracker["metadata.audio.base64"]
 
 

@@ -302,3 +302,13 @@ def test_the_callers_channel_alone_is_scored(tiny_model):
     assert right.scores == pytest.approx(agent_alone.scores, abs=1e-6)
     assert max(abs(left.scores[k] - right.scores[k]) for k in left.scores) > 1e-4
     assert max(abs(mix.scores[k] - right.scores[k]) for k in mix.scores) > 1e-4
+
+
+def test_ready_counts_graphs_compiled_after_warm_up(tiny_model):
+    """A graph compiled while serving stalls every call; /ready reports how many were."""
+    import torch
+
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False)).load()
+    assert engine.status()["graph_compiles_after_ready"] == 0
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    assert engine.status()["graph_compiles_after_ready"] == 1
