@@ -110,9 +110,7 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
         if upload is None:
             raise BadRequest("multipart requests carry the audio in the field 'audio_file'")
         options = _options(fields)
-        result = await engine.analyze_bytes(upload.body, granularity=options["granularity"], embeddings=options["embedding"],
-                                            encoding=options["encoding"], sample_rate_hz=options["sample_rate"],
-                                            channel=options["channel"])
+        result = await _analyze_bytes(engine, upload.body, options)
     elif kind == "application/json":
         try:
             data = json.loads(body)
@@ -125,9 +123,7 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
                                           embeddings=options["embedding"])
     elif kind.startswith("audio/") or kind == "application/octet-stream":
         options = _options(dict(request.args))
-        result = await engine.analyze_bytes(body, granularity=options["granularity"], embeddings=options["embedding"],
-                                            encoding=options["encoding"], sample_rate_hz=options["sample_rate"],
-                                            channel=options["channel"])
+        result = await _analyze_bytes(engine, body, options)
     else:
         raise BadRequest(f"unsupported Content-Type {kind or 'none'!r}: send multipart/form-data, audio/*, "
                          "application/octet-stream or application/json")
@@ -137,6 +133,12 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
     if options["embedding"] and result.frame_embeddings is not None:
         out["frame_embeddings"] = result.frame_embeddings.tolist()
     return response.json(out)
+
+
+async def _analyze_bytes(engine: EmotionEngine, data: bytes, options: dict[str, Any]):
+    return await engine.analyze_bytes(data, granularity=options["granularity"], embeddings=options["embedding"],
+                                      encoding=options["encoding"], sample_rate_hz=options["sample_rate"],
+                                      channel=options["channel"])
 
 
 async def _predict(request, body: bytes, engine: EmotionEngine):

@@ -86,9 +86,9 @@ class MicroBatcher:
     """Runs ``run_batch`` on one worker thread over batches of concurrently submitted items.
 
     While a batch runs, new items wait and join the next plan; an idle batcher waits at
-    most ``max_wait_ms`` from the first item's arrival for a fuller batch. Items are grouped by ``plan_batches`` and run by
-    ``run_isolated``, so one bad item (or an out-of-memory batch) fails alone. A full
-    queue answers ``Overloaded`` at once.
+    most ``max_wait_ms`` from the first item's arrival for a fuller batch. Items are
+    grouped by ``plan_batches`` and run by ``run_isolated``, so one bad item (or an
+    out-of-memory batch) fails alone. A full queue answers ``Overloaded`` at once.
     """
 
     def __init__(

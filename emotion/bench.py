@@ -155,13 +155,13 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
            "EMOTION_URL_ALLOW": "127.0.0.1/32"}
     if config.max_batch_size:
         env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
+    import httpx
+
     with tempfile.TemporaryDirectory() as clips_dir:
         wavs = _turn_wavs(args, Path(clips_dir))
         try:
             with action_server(env) as (_proc, url), _file_server(clips_dir) as clips_url:
                 report = {path: asyncio.run(_open_loop(url, path, args, clips_url, len(wavs))) for path in SERVER_PATHS}
-                import httpx
-
                 result = httpx.post(url + "/v1/analyze", content=wavs[0], headers={"Content-Type": "audio/wav"}, timeout=120).json()
                 report["tracker_bytes_per_turn"] = tracker_bytes_per_turn(wavs[0], result)
                 report["recompiles_after_ready"] = httpx.get(url + "/ready").json()["graph_compiles_after_ready"]
@@ -195,9 +195,7 @@ def _speech(rng, seconds: float) -> np.ndarray:
 def _file_server(directory: str):
     """Python's own static file server in a child process on loopback: the recordings store
     the webhook's URL references point at."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", directory],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -308,7 +306,9 @@ def tracker_bytes_per_turn(wav: bytes, result: dict) -> dict:
     for every path and not counted."""
     import json
 
-    utterance = {k: result[k] for k in ("emotion", "confidence", "scores", "duration_s", "model")}
+    from emotion.client import RESULT_KEYS
+
+    utterance = {k: result[k] for k in RESULT_KEYS}
     paths = {
         "metadata.audio.base64": {"audio": {"base64": base64.b64encode(wav).decode()}},
         "metadata.audio.url": {"audio": {"url": "https://recordings.example.com/calls/0042/turn-0003.wav"}},
@@ -330,9 +330,7 @@ def webhook_call(sender: str, audio: dict, text: str = "") -> dict:
 def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
     """The real rasa-sdk action server with our actions, in a child process on a free
     loopback port; yields (process, url) once /ready answers 200."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rasa_sdk", "--actions", "emotion.rasa_actions", "--port", str(port)],
@@ -351,6 +349,12 @@ def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait_for(url: str, proc: subprocess.Popen, timeout_s: float) -> None:

@@ -63,10 +63,13 @@ def twilio_channel(analyze_url: str, **emotion):
         "emotion": {"analyze_url": analyze_url, **emotion}})
 
 
-def mulaw_frames(seconds: float, seed: int) -> list[str]:
-    """A caller's turn as Twilio's media messages."""
-    wave = soxr.resample(speech_like(seconds, seed=seed), 16000, 8000)
-    ulaw = encode(wave, 8000, "RAW", "ULAW")
+def mulaw_turn(seconds: float, seed: int) -> bytes:
+    """A caller's turn as the call carries it: 8 kHz mu-law."""
+    return encode(soxr.resample(speech_like(seconds, seed=seed), 16000, 8000), 8000, "RAW", "ULAW")
+
+
+def twilio_frames(ulaw: bytes) -> list[str]:
+    """That turn as Twilio's media messages."""
     return [json.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": base64.b64encode(ulaw[i:i + FRAME_BYTES]).decode()}})
             for i in range(0, len(ulaw), FRAME_BYTES)]
 
@@ -135,12 +138,11 @@ class CountingQueue(InMemoryConversationQueue):
 async def run_call(channel, turns: list[tuple[float, str]]) -> list[FinalTranscriptInputEvent]:
     """One call through Rasa Pro's own audio and recogniser loops."""
     _call_state.set(CallState())
-    frames = [mulaw_frames(seconds, seed) for seed, (seconds, _) in enumerate(turns)]
-    recogniser = Recogniser([(sum(len(base64.b64decode(json.loads(f)["media"]["payload"])) for f in fs), text)
-                             for fs, (_, text) in zip(frames, turns)])
+    audio = [mulaw_turn(seconds, seed) for seed, (seconds, _) in enumerate(turns)]
+    recogniser = Recogniser([(len(ulaw), text) for ulaw, (_, text) in zip(audio, turns)])
     queue = CountingQueue("CA1", channel.name())
     call = CallParameters(call_id="CA1", user_phone="+15550100", stream_id="MZ1")
-    socket = TwilioSocket(frames, queue)
+    socket = TwilioSocket([twilio_frames(ulaw) for ulaw in audio], queue)
     await asyncio.wait_for(asyncio.gather(
         channel._consume_audio_bytes(socket, recogniser, queue, call),
         channel.receive_asr_events(recogniser, None, socket, call, queue)), timeout=60)
