@@ -20,7 +20,7 @@ from sanic.request import parse_multipart_form
 
 from emotion.config import GRANULARITIES, ServerConfig
 from emotion.engine import EmotionEngine
-from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable
+from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable, Overloaded
 from emotion.sources import parse_audio_ref, parse_channel
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ async def _answer(request, engine: EmotionEngine, config: ServerConfig, handler)
             raise ModelUnavailable(engine.error)
         if not engine.warm:
             raise ModelUnavailable("the emotion model is still loading")
+        if engine.full:  # before the body is read
+            raise Overloaded(f"emotion engine is overloaded: {engine.config.max_queue} turns already in progress")
         body = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES)
         return await handler(request, body, engine)
     except EmotionError as exc:

@@ -1,4 +1,4 @@
-"""Micro-batching across conversations: collect, bucket by length, run, isolate failures."""
+"""Micro-batching across conversations: collect, pack into batches, run, isolate failures."""
 
 from __future__ import annotations
 
@@ -42,22 +42,22 @@ class BatchStats:
 
 
 def plan_batches(sizes: Sequence[float], *, max_batch_size: int, max_cost: float = float("inf")) -> list[list[int]]:
-    """Group item indices, longest first, so that no batch pads an item to more than twice
-    its size, holds more than ``max_batch_size`` items, or costs more than ``max_cost``
-    once padded. The micro-batcher and the synchronous path both batch with this."""
-    order = sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True)
+    """Group item indices in their order, each into the first batch with room for it (at
+    most ``max_batch_size`` items costing at most ``max_cost`` together), so the first
+    batch holds the first item. Batches are packed, not padded: an item costs its own
+    size whatever its neighbours. The micro-batcher and the synchronous path both batch
+    with this."""
     batches: list[list[int]] = []
-    for i in order:
-        current = batches[-1] if batches else None
-        if (
-            current is not None
-            and len(current) < max_batch_size
-            and sizes[i] * 2 >= sizes[current[0]]
-            and (len(current) + 1) * sizes[current[0]] <= max_cost
-        ):
-            current.append(i)
+    costs: list[float] = []
+    for i, size in enumerate(sizes):
+        for b, batch in enumerate(batches):
+            if len(batch) < max_batch_size and costs[b] + size <= max_cost:
+                batch.append(i)
+                costs[b] += size
+                break
         else:
             batches.append([i])
+            costs.append(size)
     return batches
 
 
@@ -113,7 +113,7 @@ class MicroBatcher:
         # Off the queue, not yet answered: waiting to be planned, and in the batch running.
         self._pool: list[_Pending] = []
         self._running: list[_Pending] = []
-        # How many waiting items one plan looks at: enough for full batches of each length.
+        # How many waiting items one plan looks at: room to fill a batch around long turns.
         self._plan_window = 4 * max_batch_size
         self._idle_since = 0.0  # when the last batch ended
         self._on_batch = on_batch
@@ -167,8 +167,8 @@ class MicroBatcher:
             pool[:] = self._live(pool)
             if not pool:
                 continue
-            plan = plan_batches([p.size for p in pool], max_batch_size=self.max_batch_size, max_cost=self.max_batch_cost)
-            chosen = set(next(b for b in plan if 0 in b))  # the pool is in arrival order
+            # The pool is in arrival order, so the first batch holds the oldest item.
+            chosen = set(plan_batches([p.size for p in pool], max_batch_size=self.max_batch_size, max_cost=self.max_batch_cost)[0])
             self._running = [p for i, p in enumerate(pool) if i in chosen]
             pool[:] = [p for i, p in enumerate(pool) if i not in chosen]
             await self._run(self._running)

@@ -277,6 +277,9 @@ async def _arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed)
         return {"json": webhook_call(f"load-{seed}-{i}", {"base64": base64.b64encode(wavs[clip]).decode()})}
 
     bodies = [body(i) for i in range(turns)]  # built before the clock starts
+    # A process ready after the shared start keeps its rate from when it is ready, rather
+    # than sending its overdue turns at once.
+    start_at = max(start_at, time.monotonic())
     endpoint = url + ("/v1/analyze" if path == "api_raw_bytes" else "/webhook")
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
         async def send(i: int) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from emotion.audio import SAMPLE_RATE_HZ, decode_audio
 from emotion.batching import BatchStats, MicroBatcher, plan_batches, run_isolated
 from emotion.config import LABELS, EngineConfig
-from emotion.errors import EmotionError, ModelUnavailable, TimedOut, first_line
+from emotion.errors import EmotionError, ModelUnavailable, Overloaded, TimedOut, first_line
 from emotion.sources import AudioFetcher, AudioRef
 from emotion.windows import Clip, EmotionResult, Plan, Segment, assemble, clips_for, plan_turn
 
@@ -37,6 +37,7 @@ class EmotionEngine:
         self._fetcher: AudioFetcher | None = None
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._loading: asyncio.Future | None = None
+        self._turns = 0  # turns between arrival and result (fetching, decoding, waiting, running)
         self.on_batch = None  # metrics hook: (batch_size, seconds)
         self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
         self.stats = BatchStats()  # every batch run, by the micro-batcher or analyze_waves
@@ -118,32 +119,37 @@ class EmotionEngine:
         }
 
     def _warmup(self) -> None:
-        # Typical turns; on a GPU also the longest window and full batches with and without
-        # padding. There each shape family is a separately compiled graph, and compiling one
-        # while callers wait stalls every conversation for seconds (holding the GIL).
-        batch, window = self.max_batch_size, self.config.window_seconds
-        shapes = [[1.0], [5.0]]
-        if batch > 1:
-            n = max(2, min(batch, int(self.config.max_batch_audio_seconds // window)))
-            shapes += [
-                [window],
-                [5.0] * batch,
-                [1.0 + 4.0 * i / batch for i in range(batch)],
-                [1.0 + (window - 1.0) * i / (n - 1) for i in range(n)],
-            ]
-        rng = np.random.default_rng(0)
-        for lengths_s in shapes:
-            self.model.forward([rng.standard_normal(int(s * SAMPLE_RATE_HZ)).astype(np.float32) * 0.1 for s in lengths_s])
+        # Typical turns; with token budgets (GPU) a batch for each budget a batch can need,
+        # since each is its own compiled graph, and compiling one while callers wait stalls
+        # every conversation for seconds (holding the GIL).
+        model, rng = self.model, np.random.default_rng(0)
+        shapes = [[1.0 * SAMPLE_RATE_HZ], [5.0 * SAMPLE_RATE_HZ]]
+        window = model.tokens(int(self.config.window_seconds * SAMPLE_RATE_HZ))
+        below = 0
+        for budget in model.budgets:
+            clips = min(self.max_batch_size, max(1, budget // 512))
+            tokens = min(min(budget, self._max_batch_cost) // clips - 1, window)
+            if clips * tokens > below:  # a batch can need this budget
+                shapes.append([model.frames_to_samples(tokens - model.tokens(0))] * clips)
+            below = budget
+        for lengths in shapes:
+            model.forward([rng.standard_normal(int(n)).astype(np.float32) * 0.1 for n in lengths])
+
+    @property
+    def _max_batch_cost(self) -> float:
+        """Tokens a batch may hold: the configured audio seconds, and the largest budget."""
+        cap = self.model.tokens(int(self.config.max_batch_audio_seconds * SAMPLE_RATE_HZ))
+        return min(cap, self.model.max_batch_tokens or cap)
 
     def _ensure_batcher(self) -> MicroBatcher:
         if self._batcher is None:
             self._batcher = MicroBatcher(
                 self._run_clips,
-                size=lambda clip: len(clip.wave),
+                size=lambda clip: self.model.tokens(len(clip.wave)),
                 max_batch_size=self.max_batch_size,
                 max_wait_ms=self.config.max_wait_ms,
                 max_queue=self.config.max_queue,
-                max_batch_cost=self.config.max_batch_audio_seconds * SAMPLE_RATE_HZ,
+                max_batch_cost=self._max_batch_cost,
                 on_batch=lambda n, s: self.on_batch and self.on_batch(n, s),
             )
             self._batcher.stats = self.stats
@@ -165,17 +171,36 @@ class EmotionEngine:
         deadline = time.monotonic() + self.config.turn_timeout_s
         if self._fetcher is None:
             self._fetcher = AudioFetcher(self.config)
-        started = time.perf_counter()
-        data = await self._stage(self._fetcher.fetch(ref), deadline, "fetching the audio", self.config.fetch_timeout_s * 2)
-        fetched = time.perf_counter()
-        result = await self._analyze_bytes(data, ref.encoding, ref.sample_rate_hz, ref.channel, granularity, embeddings, deadline)
+        with self._admitted():
+            started = time.perf_counter()
+            data = await self._stage(self._fetcher.fetch(ref), deadline, "fetching the audio", self.config.fetch_timeout_s * 2)
+            fetched = time.perf_counter()
+            result = await self._analyze_bytes(data, ref.encoding, ref.sample_rate_hz, ref.channel, granularity, embeddings, deadline)
         result.timings_ms["fetch"] = (fetched - started) * 1000
         return result
 
     async def analyze_bytes(self, data: bytes, *, encoding: str | None = None, sample_rate_hz: int | None = None,
                             channel: int | None = None, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
         deadline = time.monotonic() + self.config.turn_timeout_s
-        return await self._analyze_bytes(data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline)
+        with self._admitted():
+            return await self._analyze_bytes(data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline)
+
+    @property
+    def full(self) -> bool:
+        """As many turns in progress as EMOTION_MAX_QUEUE allows: a new one is refused."""
+        return self._turns >= self.config.max_queue
+
+    @contextlib.contextmanager
+    def _admitted(self):
+        # Past capacity a turn is refused before any fetch or decode: under overload the
+        # excess gets its answer in milliseconds, and the turns admitted keep their pace.
+        if self.full:
+            raise Overloaded(f"emotion engine is overloaded: {self._turns} turns already in progress")
+        self._turns += 1
+        try:
+            yield
+        finally:
+            self._turns -= 1
 
     async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
         return await self._analyze_wave(wave, granularity, embeddings, time.monotonic() + self.config.turn_timeout_s)
@@ -230,14 +255,14 @@ class EmotionEngine:
     def analyze_waves(self, waves: Sequence[np.ndarray], *, granularity: str = "utterance",
                       embeddings: bool = False) -> list[EmotionResult | EmotionError]:
         """Synchronous batch analysis (CLI, benchmarks), batched as the micro-batcher does:
-        same length buckets, same cost cap, and a clip that fails fails only its own wave."""
+        same plan, same cost cap, and a clip that fails fails only its own wave."""
         if self.model is None:
             self.load()
         plans = [self._plan(len(w), granularity) for w in waves]
         clips = [c for wave, plan in zip(waves, plans) for c in clips_for(wave, plan, embeddings)]
         outputs: list = [None] * len(clips)
-        cost = self.config.max_batch_audio_seconds * SAMPLE_RATE_HZ
-        for idx in plan_batches([len(c.wave) for c in clips], max_batch_size=self.max_batch_size, max_cost=cost):
+        sizes = [self.model.tokens(len(c.wave)) for c in clips]
+        for idx in plan_batches(sizes, max_batch_size=self.max_batch_size, max_cost=self._max_batch_cost):
             for i, out in zip(idx, run_isolated(self._run_clips, [clips[i] for i in idx], self.stats)):
                 outputs[i] = out
         results: list[EmotionResult | EmotionError] = []

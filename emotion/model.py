@@ -11,6 +11,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,20 +21,16 @@ from emotion.errors import InferenceFailed, ModelUnavailable, first_line
 from emotion.windows import Head
 
 try:
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch < 2.5; the engine turns this into ModelUnavailable naming the version
     raise ImportError(f"torch {torch.__version__} is too old: emotion2vec-rasa needs torch >= 2.5 (FlexAttention)") from None
 
 log = logging.getLogger(__name__)
 
-# Past this many bytes the model's ALiBi cache is dropped after a batch: it grows with
-# heads x frames^2 and is never freed by FunASR.
-ALIBI_CACHE_CAP_BYTES = 256 * 1024 * 1024
-# The kernel stages a tile of the fp32 ALiBi bias in shared memory beside q, k and v; the
-# default tiles (128 x 128, three stages on an H100) overflow it. Attention is ~4% of the
-# FLOPs at turn lengths, so small tiles, chosen to leave room on GPUs with less shared
-# memory than an H100 (only an H100 was tried), cost little.
-FLEX_TILES = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2}
+# Token budgets of a packed batch on the GPU: each is compiled once, at warm-up, for its
+# fixed shape, so no graph is built while callers wait. 32k tokens hold 64 turns of 10 s.
+TOKEN_BUDGETS = (2048, 4096, 8192, 16384, 32768)
+MASK_BLOCK = 128  # FlexAttention's block size: the block mask is built at this grain
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -96,20 +93,32 @@ class EmotionModel:
         self.embed_dim = int(self.net.cfg.get("embed_dim"))
         self._lock = threading.Lock()
         self._head: Head | None = None
-        self._sample_pad: torch.Tensor | None = None
-        self._frame_keep: torch.Tensor | None = None
         _check_checkpoint(self.net, auto.kwargs.get("init_param"), model)
-        self._install_padding_hooks()
-        self._share_alibi_rows()
+        encoder = self.net.modality_encoders["AUDIO"]
+        cfg = encoder.modality_cfg
+        self._encoder = encoder
+        self._conv_layers = [(int(k), int(s)) for _dim, k, s in encoder.feature_enc_layers]
+        self.stride = int(np.prod([s for _k, s in self._conv_layers]))
+        self._extra = int(cfg.num_extra_tokens)
+        # Zero frames a packed clip needs on each side, so that the positional convolution
+        # (each layer reaching this far) sees past its edges what a clip alone sees: zeros.
+        self._gap = max(3, cfg.conv_pos_width // cfg.conv_pos_depth) // 2
+        self._frame_keep: torch.Tensor | None = None
+        self._install_gap_hooks()
+        blocks = use_flex_attention(self.net)
+        # Packing is exact where everything before attention works frame by frame.
+        self.packs = bool(blocks) and cfg.extractor_mode == "layer_norm"
+        self.budgets: tuple[int, ...] = ()
         if compile == "on" or (compile == "auto" and self.device.type == "cuda"):
             # The conv front end is memory-bound: eager runs it as dozens of transposes, casts
-            # and layer norms over (batch x 512 x frames) tensors; Inductor fuses them.
-            self.net.modality_encoders["AUDIO"].local_encoder.compile(dynamic=True)
-            if self.device.type == "cuda":  # Inductor's CPU FlexAttention template fails to build
-                # With FlexAttention the blocks have no data-dependent branch left, so each
-                # compiles to one graph with its norms and residuals fused.
-                for block in use_flex_attention(self.net):
-                    block.compile(dynamic=True)
+            # and layer norms over (512 x frames) tensors; Inductor fuses them.
+            cuda = self.device.type == "cuda"
+            encoder.local_encoder.compile(dynamic=not (cuda and self.packs))
+            if cuda and self.packs:  # Inductor's CPU FlexAttention template fails to build
+                # One static graph per budget, built at warm-up: nothing compiles while serving.
+                self.budgets = TOKEN_BUDGETS
+                for block in blocks:
+                    block.compile(dynamic=False)
 
     @staticmethod
     def compiled_graphs() -> int:
@@ -122,104 +131,128 @@ class EmotionModel:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    def _install_padding_hooks(self) -> None:
-        # The 5-layer positional convolution sees padded frames of shorter clips and leaks
-        # them into real frames (emotion2vec issue #37). Zeroing padded frames at the input
-        # of each conv layer reproduces the zero padding a lone clip gets, so batched scores
-        # equal one-by-one scores.
-        encoder = self.net.modality_encoders["AUDIO"]
-        positional = encoder.relative_positional_encoder
-
-        def frame_mask(_module, args):
-            if self._sample_pad is None:
-                self._frame_keep = None
-                return None
-            pad = encoder.convert_padding_mask(args[0], self._sample_pad)
-            self._frame_keep = (~pad).unsqueeze(1)
-            return None
-
-        def zero_padded(_module, args):
+    def _install_gap_hooks(self) -> None:
+        # The 5-layer positional convolution would leak a packed clip's neighbours into its
+        # edge frames (emotion2vec issue #37 is the padded-batch form of this). Zeroing every
+        # frame outside a clip at the input of each conv layer gives each clip the zero
+        # padding it gets alone, so packed scores equal one-by-one scores.
+        def zero_between_clips(_module, args):
             if self._frame_keep is None:
                 return None
-            return (args[0] * self._frame_keep.to(args[0].dtype),)
+            return (args[0] * self._frame_keep,)
 
-        positional.register_forward_pre_hook(frame_mask)
-        for module in positional.modules():
+        for module in self._encoder.relative_positional_encoder.modules():
             if isinstance(module, torch.nn.Conv1d):
-                module.register_forward_pre_hook(zero_padded)
+                module.register_forward_pre_hook(zero_between_clips)
 
-    def _share_alibi_rows(self) -> None:
-        # FunASR builds and caches the ALiBi bias once per clip of the batch (on the CPU, then
-        # copied), so its cache grows with batch x frames^2 and is rebuilt whenever a batch is
-        # larger or longer than any before. The bias is the same for every clip: build one and
-        # view it per clip.
-        encoder = self.net.modality_encoders["AUDIO"]
-        build = encoder.get_alibi_bias
-        if build is None:
-            return
+    def frames(self, samples: int) -> int:
+        """Frames the conv front end gives for a clip of this many samples (FunASR's formula)."""
+        for kernel, stride in self._conv_layers:
+            samples = (samples - kernel) // stride + 1
+        return max(samples, 0)
 
-        def shared(batch_size, **kwargs):
-            return build(batch_size=1, **kwargs).expand(batch_size, -1, -1, -1)
+    def tokens(self, samples: int) -> int:
+        """What a clip costs in a packed batch: its frames and its extra tokens."""
+        return self.frames(samples) + self._extra
 
-        encoder.get_alibi_bias = shared
+    @property
+    def max_batch_tokens(self) -> int | None:
+        return self.budgets[-1] if self.budgets else None
 
     def forward(self, waves: list[np.ndarray], *, frames: bool = False, embeddings: bool = False) -> list[ClipOutput]:
-        """Score clips of any lengths (16 kHz mono float32) in one padded forward pass."""
+        """Score clips of any lengths (16 kHz mono float32), packed into one forward pass."""
         with self._lock:
             try:
-                return self._forward(waves, frames, embeddings)
+                with torch.inference_mode(), self._autocast():
+                    # Packed only where attention is a compiled kernel: unfused, FlexAttention
+                    # would write the whole packed sequence's (tokens x tokens) scores.
+                    if self.budgets:
+                        rows, counts = self._packed(waves)
+                    else:  # FunASR's own forward, a clip at a time (the CPU's best too)
+                        rows, counts = self._alone(waves)
+                    return self._outputs(rows.float(), counts, frames, embeddings)
             except torch.cuda.OutOfMemoryError as exc:
                 raise InferenceFailed(f"GPU out of memory on a batch of {len(waves)} clips") from exc
             except RuntimeError as exc:
                 raise InferenceFailed(f"inference failed: {first_line(exc)}") from exc
             finally:
-                self._sample_pad = self._frame_keep = None
-                self._trim_alibi_cache()
+                self._frame_keep = None
 
-    @torch.inference_mode()
-    def _forward(self, waves, frames, embeddings) -> list[ClipOutput]:
-        lengths = torch.tensor([len(w) for w in waves])
-        batch = torch.zeros(len(waves), int(lengths.max()), pin_memory=self.device.type == "cuda")
-        for i, wave in enumerate(waves):
-            batch[i, : len(wave)] = torch.from_numpy(wave)
-        source = batch.to(self.device, non_blocking=True)
-        padded = int(lengths.min()) < batch.shape[1]
-        lengths = lengths.to(self.device, non_blocking=True)
-        pad = torch.arange(batch.shape[1], device=self.device) >= lengths[:, None]
-        if self.net.cfg.normalize:
-            # FunASR's per-clip layer norm over the real samples only, on the device.
-            n = lengths[:, None].to(source.dtype)
-            centered = (source - source.sum(1, keepdim=True) / n).masked_fill(pad, 0)
-            source = centered * torch.rsqrt(centered.square().sum(1, keepdim=True) / n + 1e-5)
-        self._sample_pad = pad if padded else None
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.dtype)
-            if self.dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            out = self.net.extract_features(source, padding_mask=self._sample_pad)
-        x = out["x"].float()
-        frame_pad = out["padding_mask"]
-        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if frame_pad is None else ~frame_pad
-        counts = keep.sum(1)
-        pooled = (x * keep.unsqueeze(-1)).sum(1) / counts.unsqueeze(-1)
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _alone(self, waves):
+        rows = []
+        for wave in waves:
+            source = torch.from_numpy(wave).to(self.device)[None]
+            if self.net.cfg.normalize:
+                source = F.layer_norm(source, source.shape)
+            rows.append(self.net.extract_features(source, padding_mask=None)["x"][0])
+        return torch.cat(rows), [len(r) for r in rows]
+
+    def _packed(self, waves):
+        """All clips in one sequence (batch of one), with no padding between them: clips start
+        at multiples of the conv stride, so each clip's frames are the frames it gets alone;
+        each clip gets its own extra tokens; attention stays within a clip (a document mask)
+        and ALiBi is computed from positions within the clip."""
+        pack = plan_pack([len(w) for w in waves], frames=self.frames, stride=self.stride,
+                         receptive=self.frames_to_samples(1), extra=self._extra, gap=self._gap, budgets=self.budgets)
+        dev = self.device
+        pinned = dev.type == "cuda"
+        buf = torch.zeros(pack.samples, pin_memory=pinned)
+        for wave, start in zip(waves, pack.sample_start):
+            buf[start:start + len(wave)] = torch.from_numpy(wave)
+        x = buf.to(dev, non_blocking=True)
+        if self.net.cfg.normalize:  # FunASR's per-clip layer norm, over each whole clip
+            x = _normalise_regions(x, waves, pack, dev)
+
+        def send(array):
+            return torch.from_numpy(array).to(dev, non_blocking=True)
+
+        enc = self._encoder
+        self._frame_keep = send(pack.frame_keep)[None, None]
+        x = enc.local_features(x[None])
+        x = x + enc.relative_positional_encoder(x)
+        self._frame_keep = None
+        rows = torch.cat([enc.extra_tokens[0].to(x.dtype), x[0]])  # the extra tokens, then every frame
+        x = rows[send(pack.token_row)][None]
+        packing = Packing(send(pack.doc), send(pack.pos), send((~pack.is_extra).astype(np.float32)),
+                          document_block_mask(pack.doc, dev))
+        # FunASR's context encoder and blocks, as its own forward runs them, told where each
+        # token belongs in place of a padding mask.
+        x = enc.context_encoder(x, packing, None, None)
+        for block in self.net.blocks:
+            x, _ = block(x, padding_mask=packing, alibi_bias=None)
+        if self.net.norm is not None:
+            x = self.net.norm(x)
+        return x[0, send(pack.frame_tokens)], pack.frame_counts.tolist()
+
+    def frames_to_samples(self, frames: int) -> int:
+        """The fewest samples that give this many frames."""
+        samples = 1
+        for kernel, stride in reversed(self._conv_layers):
+            samples = (samples - 1) * stride + kernel
+        return samples + (frames - 1) * self.stride
+
+    def _outputs(self, x: torch.Tensor, counts: list[int], frames: bool, embeddings: bool) -> list[ClipOutput]:
+        """Per-clip results from every clip's frame rows, one after another."""
+        pooled = _segment_means(x, counts)
         probs = self._probs(pooled).cpu().numpy()
-        frame_probs = self._probs(x).cpu().numpy() if frames else None
+        frame_probs = np.split(self._probs(x).cpu().numpy(), np.cumsum(counts)[:-1]) if frames else None
         pooled_np = pooled.cpu().numpy() if embeddings else None
-        x_np = x.cpu().numpy() if (frames and embeddings) else None
-        results = []
-        for i, n in enumerate(counts.tolist()):
-            results.append(
-                ClipOutput(
-                    probs=probs[i],
-                    embedding=None if pooled_np is None else pooled_np[i],
-                    frame_probs=None if frame_probs is None else frame_probs[i, :n],
-                    frame_embeddings=None if x_np is None else x_np[i, :n],
-                    frames=n,
-                )
+        x_np = np.split(x.cpu().numpy(), np.cumsum(counts)[:-1]) if (frames and embeddings) else None
+        return [
+            ClipOutput(
+                probs=probs[i],
+                embedding=None if pooled_np is None else pooled_np[i],
+                frame_probs=None if frame_probs is None else frame_probs[i],
+                frame_embeddings=None if x_np is None else x_np[i],
+                frames=n,
             )
-        return results
+            for i, n in enumerate(counts)
+        ]
 
     @property
     def head(self) -> Head:
@@ -238,52 +271,176 @@ class EmotionModel:
         logits = F.linear(x, self.net.proj.weight.float(), self.net.proj.bias.float())
         return torch.softmax(logits[..., self._keep], dim=-1)
 
-    def _trim_alibi_cache(self) -> None:
-        cache = self.net.alibi_biases
-        if sum(t.numel() * t.element_size() for t in cache.values()) > ALIBI_CACHE_CAP_BYTES:
-            cache.clear()
+
+class Packing(NamedTuple):
+    """Where each token of a packed sequence belongs; handed to the blocks in place of a
+    padding mask."""
+
+    doc: torch.Tensor  # its clip; each filler token (rounding a batch up to its budget) alone: -1 - index
+    pos: torch.Tensor  # its frame's position within the clip (float)
+    # 1 for a frame, 0 for a clip's extra tokens: no ALiBi bias to or from them. A float, not
+    # a bool: gathering bools inside the kernel made it 30 times slower on an H100.
+    alibi_on: torch.Tensor
+    block_mask: BlockMask
 
 
 class FlexAltAttention(torch.nn.Module):
-    """FunASR's AltAttention with the ALiBi bias and the padding applied inside a FlexAttention
-    kernel. FunASR's own forward writes batch x heads x frames^2 fp32 scores several times per
-    layer (cast, bias add, mask, softmax); under bf16 that traffic was a fifth of a batch."""
+    """FunASR's AltAttention on a packed sequence: a FlexAttention kernel keeps each token
+    within its clip and adds the clip's ALiBi bias from positions, so nothing of size
+    tokens^2 is ever written. Without a Packing it is FunASR's own attention, unchanged."""
 
-    def __init__(self, attn: torch.nn.Module) -> None:
+    def __init__(self, attn: torch.nn.Module, alibi_unit: torch.Tensor) -> None:
         super().__init__()
         self.inner = attn  # its qkv and proj weights, unchanged
+        # This layer's bias per head for a distance of one frame (FunASR's scale included).
+        self.register_buffer("alibi_unit", alibi_unit, persistent=False)
 
     def forward(self, x, padding_mask=None, alibi_bias=None):
-        a = self.inner
-        batch, frames, dim = x.shape
-        q, k, v = a.qkv(x).reshape(batch, frames, 3, a.num_heads, dim // a.num_heads).permute(2, 0, 3, 1, 4)
+        if not isinstance(padding_mask, Packing):
+            return self.inner(x, padding_mask, alibi_bias)
+        a, unit = self.inner, self.alibi_unit
+        doc, pos, on, block_mask = padding_mask
+        batch, tokens, dim = x.shape
+        q, k, v = a.qkv(x).reshape(batch, tokens, 3, a.num_heads, dim // a.num_heads).permute(2, 0, 3, 1, 4)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            if alibi_bias is not None:
-                score = score + alibi_bias[b, h, q_idx, kv_idx]
-            if padding_mask is not None:
-                score = torch.where(padding_mask[b, kv_idx], -float("inf"), score)
-            return score
+            bias = unit[h] * (pos[q_idx] - pos[kv_idx]).abs() * on[q_idx] * on[kv_idx]
+            return torch.where(doc[q_idx] == doc[kv_idx], score + bias, -float("inf"))
 
-        # q, k and v are in the compute dtype already and the kernel adds the fp32 bias to
-        # its fp32 scores; autocast is kept out so it cannot recast either.
+        # q, k and v are in the compute dtype; the kernel adds the fp32 bias to its fp32
+        # scores. Autocast is kept out so it cannot recast either.
         with torch.autocast(x.device.type, enabled=False):
-            out = flex_attention(q, k, v, score_mod=score_mod, scale=a.scale, kernel_options=FLEX_TILES)
-        return a.proj(out.transpose(1, 2).reshape(batch, frames, dim))
+            out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=a.scale)
+        return a.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 def use_flex_attention(net: torch.nn.Module) -> list[torch.nn.Module]:
-    """Swap FlexAltAttention into every transformer block that fits it; return those blocks."""
-    from funasr.models.emotion2vec.modules import AltBlock  # funasr is imported by now
+    """Swap FlexAltAttention into every transformer block (context encoder, then the main
+    blocks); return those blocks, or none if any block does not fit it."""
+    from funasr.models.emotion2vec.base import get_alibi  # funasr is imported by now
+    from funasr.models.emotion2vec.modules import AltBlock
 
-    heads = net.modality_encoders["AUDIO"].modality_cfg.num_alibi_heads
-    blocks = []
-    for block in net.modules():
-        attn = getattr(block, "attn", None)
-        if isinstance(block, AltBlock) and not attn.cosine_attention and attn.num_heads == heads:
-            block.attn = FlexAltAttention(attn)
-            blocks.append(block)
+    enc = net.modality_encoders["AUDIO"]
+    cfg = enc.modality_cfg
+    blocks = list(enc.context_encoder.blocks) + list(net.blocks)
+    heads = cfg.num_alibi_heads
+    if cfg.get("learned_alibi") or not all(
+        isinstance(b, AltBlock) and not b.attn.cosine_attention and b.attn.num_heads == heads for b in blocks
+    ):
+        return []
+    unit = get_alibi(2, heads)[:, 0, 1].float().to(enc.extra_tokens.device)  # -slope: the bias at distance 1
+    if enc.get_alibi_bias is None:
+        unit = torch.zeros_like(unit)
+    # FunASR's scale: clamped at 0, one for all layers or one per layer, per head or shared.
+    scale = enc.alibi_scale.detach().float().clamp_min(0) if enc.alibi_scale is not None else torch.ones(1, 1, 1, 1, 1)
+    for layer, block in enumerate(blocks):
+        block.attn = FlexAltAttention(block.attn, unit * scale[layer if scale.size(0) > 1 else 0].flatten().to(unit.device))
     return blocks
+
+
+@dataclass
+class Pack:
+    samples: int  # length of the packed input
+    sample_start: list[int]  # where each clip starts in it
+    frame_keep: np.ndarray  # (frames,) bool: the frame belongs to a clip
+    token_row: np.ndarray  # (tokens,) which row of [extra tokens; frames] each token takes
+    doc: np.ndarray  # (tokens,) int32: the clip, or -1 - index for filler
+    pos: np.ndarray  # (tokens,) float32
+    is_extra: np.ndarray  # (tokens,) bool
+    frame_tokens: np.ndarray  # the tokens of every clip's frames, clip after clip
+    frame_counts: np.ndarray  # frames per clip
+
+
+def plan_pack(lengths: list[int], *, frames, stride: int, receptive: int, extra: int, gap: int,
+              budgets: tuple[int, ...] = ()) -> Pack:
+    """Lay out clips of these sample lengths in one sequence. Clip c starts at frame m_c
+    (sample m_c x stride), so its frames are exactly those it gets alone; ``gap`` frames
+    separate it from the next. Its tokens are its ``extra`` tokens, then its frames. With
+    ``budgets``, frames and tokens are rounded up to the smallest budget that holds both."""
+    counts = np.array([frames(n) for n in lengths], dtype=np.int64)
+    if (counts < 1).any():
+        raise InferenceFailed("a clip is shorter than one frame")
+    first = np.concatenate([[0], np.cumsum(counts + gap)[:-1]])
+    n_frames = int(first[-1] + counts[-1])
+    n_tokens = int(counts.sum()) + extra * len(counts)
+    samples = int(first[-1]) * stride + lengths[-1]  # the last clip whole: its layer norm sees it all
+    if budgets:
+        # A frame to spare holds the last clip's samples past its last frame.
+        fits = [b for b in budgets if b >= max(n_frames + 1, n_tokens)]
+        if not fits:
+            raise InferenceFailed(f"a batch of {n_tokens} tokens exceeds the largest budget ({budgets[-1]})")
+        n_frames = n_tokens = fits[0]
+        samples = (n_frames - 1) * stride + receptive
+    if frames(samples) != n_frames:
+        raise InferenceFailed(f"packing error: {samples} samples give {frames(samples)} frames, not {n_frames}")
+    frame_keep = np.zeros(n_frames, bool)
+    for m, n in zip(first, counts):
+        frame_keep[m:m + n] = True
+    per_clip = counts + extra
+    clip_of = np.repeat(np.arange(len(counts)), per_clip)
+    within = np.arange(len(clip_of)) - np.repeat(np.cumsum(per_clip) - per_clip, per_clip)
+    is_extra = within < extra
+    filler = n_tokens - len(clip_of)
+    token_row = np.where(is_extra, within, extra + np.repeat(first, per_clip) + within - extra)
+    pos = np.where(is_extra, 0, within - extra)
+    return Pack(
+        samples=samples,
+        sample_start=(first * stride).tolist(),
+        frame_keep=frame_keep,
+        token_row=np.concatenate([token_row, np.zeros(filler, np.int64)]),
+        doc=np.concatenate([clip_of, -1 - np.arange(filler)]).astype(np.int32),
+        pos=np.concatenate([pos, np.zeros(filler)]).astype(np.float32),
+        is_extra=np.concatenate([is_extra, np.ones(filler, bool)]),
+        frame_tokens=np.flatnonzero(~is_extra),
+        frame_counts=counts,
+    )
+
+
+def document_block_mask(doc: np.ndarray, device: torch.device, block: int = MASK_BLOCK) -> BlockMask:
+    """The blocks of the (tokens x tokens) score matrix that attention must visit when
+    tokens attend within their document alone (each document's tokens contiguous): the
+    block-sparse layout FlexAttention skips by. Blocks inside one document are full; the
+    others are left to the score_mod's mask."""
+    change = np.flatnonzero(np.diff(doc)) + 1
+    lo = np.repeat(np.concatenate([[0], change]), np.diff(np.concatenate([[0], change, [len(doc)]])))
+    hi = np.repeat(np.concatenate([change, [len(doc)]]), np.diff(np.concatenate([[0], change, [len(doc)]])))
+    starts = np.arange(0, len(doc), block)
+    ends = np.minimum(starts + block, len(doc))
+    first_kv, last_kv = lo[starts] // block, (hi[ends - 1] - 1) // block
+    j = np.arange(len(starts))[None, :]
+    visit = (j >= first_kv[:, None]) & (j <= last_kv[:, None])
+    one_doc = (doc[starts] == doc[ends - 1])[:, None]
+    full = one_doc & (starts[None, :] >= lo[starts][:, None]) & (ends[None, :] <= hi[starts][:, None])
+
+    def blocks(which):
+        counts = torch.from_numpy(which.sum(1).astype(np.int32))[None, None]
+        order = torch.from_numpy(np.argsort(~which, axis=1, kind="stable").astype(np.int32))[None, None]
+        return counts.to(device), order.to(device)
+
+    return BlockMask.from_kv_blocks(*blocks(visit & ~full), *blocks(full), BLOCK_SIZE=block, seq_lengths=(len(doc), len(doc)))
+
+
+def _segment_means(x: torch.Tensor, counts) -> torch.Tensor:
+    """Means of consecutive runs of rows (``counts`` rows each, none for an empty run) from
+    an fp64 running sum: no atomics to contend for however few and long the runs."""
+    counts = torch.as_tensor(counts, device=x.device)
+    ends = counts.cumsum(0)
+    total = torch.cat([x.new_zeros((1, *x.shape[1:]), dtype=torch.float64), x.double().cumsum(0)])
+    n = counts.clamp_min(1).double().view(-1, *[1] * (x.dim() - 1))
+    return ((total[ends] - total[ends - counts]) / n).to(x.dtype)
+
+
+def _normalise_regions(x: torch.Tensor, waves, pack: Pack, device) -> torch.Tensor:
+    """FunASR's layer norm over each whole clip (mean and variance of its samples, eps 1e-5),
+    on the device: the packed input is cut into regions, each clip and each gap around
+    clips; a gap's samples are zeros and stay zeros."""
+    bounds = []
+    for start, wave in zip(pack.sample_start, waves):
+        bounds += [start, start + len(wave)]
+    lengths = torch.from_numpy(np.diff([0, *bounds, pack.samples])).to(device)
+    region = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=pack.samples)
+    centered = x - _segment_means(x, lengths)[region]
+    return centered * torch.rsqrt(_segment_means(centered.square(), lengths) + 1e-5)[region]
 
 
 def _build_automodel(model: str, hub: str, device: torch.device):

@@ -83,12 +83,13 @@ def test_max_wait_closes_a_partial_batch():
     assert 0.02 < waited < 0.5
 
 
-def test_buckets_by_length_and_caps_padded_cost():
+def test_packs_within_the_cost_cap_oldest_first():
     rec = Recorder()
-    submit_all(rec, [1, 10, 2, 9, 1, 10, 3, 8], size=lambda x: x, max_batch_size=16, max_wait_ms=20, max_batch_cost=40)
-    for batch in rec.batches:
-        assert max(batch) <= 2 * min(batch)  # nothing padded to more than twice its length
-        assert len(batch) * max(batch) <= 40
+    sizes = [1, 10, 2, 9, 1, 10, 3, 8]
+    submit_all(rec, sizes, size=lambda x: x, max_batch_size=16, max_wait_ms=20, max_batch_cost=40)
+    assert sorted(i for batch in rec.batches for i in batch) == sorted(sizes)
+    assert all(sum(batch) <= 40 for batch in rec.batches) and len(rec.batches) == 2
+    assert rec.batches[0][0] == 1
 
 
 def test_a_failing_item_fails_alone():
@@ -161,15 +162,12 @@ def test_config_rejects_bad_batch_sizes(bad):
         EngineConfig(max_batch_size=bad)
 
 
-def test_plan_batches_groups_by_length_within_size_and_cost():
+def test_plan_batches_fills_the_first_batch_with_room_in_order():
     from emotion.batching import plan_batches
 
-    sizes = [1, 10, 2, 9, 1, 10, 3, 8]
-    batches = plan_batches(sizes, max_batch_size=3, max_cost=25)
-    assert sorted(i for b in batches for i in b) == list(range(8))
-    for b in batches:
-        lengths = [sizes[i] for i in b]
-        assert len(b) <= 3 and max(lengths) <= 2 * min(lengths) and len(b) * max(lengths) <= 25
+    assert plan_batches([1, 10, 2, 9, 1, 10, 3, 8], max_batch_size=3, max_cost=25) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert plan_batches([10, 20, 5], max_batch_size=4, max_cost=16) == [[0, 2], [1]]  # the later short one fits first
+    assert plan_batches([30, 1], max_batch_size=4, max_cost=16) == [[0], [1]]  # too large alone still runs, alone
     assert plan_batches([], max_batch_size=4) == []
 
 
@@ -211,10 +209,9 @@ def test_items_arriving_while_a_batch_runs_go_next_without_a_timer_wait():
 
 
 def test_mixed_lengths_fill_whole_batches_instead_of_fragments():
-    """64 turns of two lengths, interleaved as calls send them: planned together they make
-    four full batches, not eight half ones."""
+    """64 turns of two lengths, interleaved as calls send them: packed, they make four full
+    batches, not eight half ones."""
     rec = Recorder(delay_s=0.01)
     sizes = [1.0, 5.0] * 32
     submit_all(rec, range(64), size=lambda i: sizes[i], max_batch_size=16, max_wait_ms=50)
     assert [len(b) for b in rec.batches] == [16, 16, 16, 16]
-    assert all(len({sizes[i] for i in b}) == 1 for b in rec.batches)

@@ -120,14 +120,16 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
 
     engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=8, max_wait_ms=50))
     engine.load()
-    real = engine.model.net.extract_features
 
-    def flaky(source, **kwargs):
-        if source.shape[0] > 2 or source.shape[1] > 5 * 16000:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(source, **kwargs)
+    def flaky(real):
+        def run(waves):
+            if len(waves) > 2 or max(map(len, waves)) > 5 * 16000:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return real(waves)
 
-    engine.model.net.extract_features = flaky
+        return run
+
+    engine.model._packed, engine.model._alone = flaky(engine.model._packed), flaky(engine.model._alone)
     waves = [speech_like(1.0 + i % 3, seed=i) for i in range(6)] + [speech_like(6.0, seed=9)]
 
     async def main():
@@ -144,27 +146,25 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
     assert stats.splits >= 1 and max(stats.sizes) <= 2
 
 
-def test_warmup_covers_the_shapes_a_batching_engine_will_see(tiny_model, monkeypatch):
-    """Each shape family (one clip, full unpadded batch, padded batch up to the longest
-    window) is compiled on a GPU at its first forward: warm-up must reach them all first."""
-    from emotion.model import EmotionModel
+@pytest.mark.parametrize("max_batch", [64, 8])
+def test_warmup_runs_every_token_budget_a_batch_can_need(tiny_model, max_batch):
+    """On a GPU each token budget is a graph compiled at its first forward: warm-up must
+    run every budget a batch can reach (and none it cannot)."""
+    from emotion.model import TOKEN_BUDGETS, plan_pack
 
-    seen = []
-    forward = EmotionModel.forward
-
-    def recording(self, waves, **kwargs):
-        seen.append([len(w) / 16000 for w in waves])
-        return forward(self, waves, **kwargs)
-
-    monkeypatch.setattr(EmotionModel, "forward", recording)
-    config = EngineConfig(model=str(tiny_model), device="cpu", max_batch_size=8, window_seconds=10.0, max_batch_audio_seconds=40.0)
+    config = EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=max_batch, window_seconds=30.0)
     engine = EmotionEngine(config).load()
-    assert engine.warm
-    assert [1.0] in seen and [10.0] in seen and [5.0] * 8 in seen
-    padded = [s for s in seen if len(set(s)) > 1]
-    assert max(len(s) for s in padded) == 8
-    widest = max(padded, key=max)
-    assert min(widest) == 1.0 and max(widest) == 10.0 and len(widest) * max(widest) <= 40.0
+    model = engine.model
+    model.budgets = TOKEN_BUDGETS  # as on a GPU; the batches are recorded, not run
+    budgets = []
+    model.forward = lambda waves, **_: budgets.append(len(plan_pack(
+        [len(w) for w in waves], frames=model.frames, stride=model.stride, receptive=model.frames_to_samples(1),
+        extra=model.tokens(0), gap=model._gap, budgets=model.budgets).doc))
+    engine._warmup()
+    largest = min(engine._max_batch_cost, max_batch * model.tokens(30 * 16000))
+    needed = [b for i, b in enumerate(TOKEN_BUDGETS) if i == 0 or TOKEN_BUDGETS[i - 1] < largest]
+    assert sorted(set(budgets)) == needed
+    assert (max_batch == 64) == (32768 in needed)
 
 
 def test_segment_headline_is_the_utterance_result(engine):
@@ -197,7 +197,7 @@ def test_long_turns_are_aggregated_on_the_host_while_a_batch_runs(engine):
 
 
 def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
-    """Same cost cap, same length rule, and a clip that fails fails only its own file."""
+    """Same plan, same cost cap, and a clip that fails fails only its own file."""
     engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=64,
                                         max_batch_audio_seconds=12.0)).load()
     seen = []
@@ -217,8 +217,8 @@ def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
 
     assert isinstance(results[3], InferenceFailed) and "poisoned" in results[3].message
     assert all(not isinstance(r, Exception) for i, r in enumerate(results) if i != 3)
-    for batch in seen:
-        assert len(batch) * max(batch) <= 12.0 and max(batch) <= 2 * min(batch)
+    cap = engine.model.tokens(12 * 16000)
+    assert len(seen) > 1 and all(sum(engine.model.tokens(int(s * 16000)) for s in batch) <= cap for batch in seen)
 
 
 def test_one_deadline_for_the_whole_turn(tiny_model, http_server):
@@ -312,3 +312,34 @@ def test_ready_counts_graphs_compiled_after_warm_up(tiny_model):
     assert engine.status()["graph_compiles_after_ready"] == 0
     torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
     assert engine.status()["graph_compiles_after_ready"] == 1
+
+
+def test_past_max_queue_a_turn_is_refused_before_its_audio_is_decoded(tiny_model):
+    """Under overload the excess is answered at once, and the turns in progress finish."""
+    from emotion.errors import Overloaded
+
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_queue=2)).load()
+    real, decoded = engine.model.forward, []
+
+    def slow(waves, **kwargs):
+        time.sleep(0.5)
+        return real(waves, **kwargs)
+
+    engine.model.forward = slow
+    engine.decode_sync = lambda data, *a: decoded.append(data) or speech_like(1.0)
+
+    async def main():
+        first = [asyncio.ensure_future(engine.analyze_bytes(f"turn {i}".encode())) for i in range(2)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="2 turns already in progress"):
+            await engine.analyze_bytes(b"turn 3")
+        refused_in = time.monotonic() - started
+        results = await asyncio.gather(*first)
+        after = await engine.analyze_bytes(b"turn 4")
+        await engine.close()
+        return refused_in, results, after
+
+    refused_in, results, after = asyncio.run(main())
+    assert refused_in < 0.05 and b"turn 3" not in decoded
+    assert all(r.emotion for r in results) and after.emotion and engine._turns == 0

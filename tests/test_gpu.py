@@ -57,3 +57,22 @@ def test_engine_batches_on_the_gpu(tiny_model):
     results, sizes = asyncio.run(main())
     assert engine.max_batch_size == 64 and max(sizes) > 1
     assert all(abs(sum(r.scores.values()) - 1) < 1e-3 for r in results)
+
+
+def test_no_graph_is_compiled_while_serving_random_lengths(tiny_model):
+    """Warm-up runs every token budget, so turns of any length (0.2-300 s, cut into
+    windows) compile no graph after the engine is ready, while callers wait."""
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model))).load()
+    rng = np.random.default_rng(0)
+    lengths = list(rng.uniform(0.2, 300, 8)) + list(rng.uniform(0.2, 15, 200))
+    waves = [speech_like(float(s), seed=i) for i, s in enumerate(lengths)]
+
+    async def main():
+        out = await asyncio.gather(*(engine.analyze_wave(w) for w in waves))
+        await engine.close()
+        return out
+
+    results = asyncio.run(main())
+    assert all(abs(sum(r.scores.values()) - 1) < 1e-3 for r in results)
+    assert engine.stats.mean_batch_size > 1
+    assert engine.status()["graph_compiles_after_ready"] == 0

@@ -8,7 +8,7 @@ from conftest import speech_like
 from emotion.checkpoint import head_bias, write_checkpoint
 from emotion.config import LABELS
 from emotion.errors import ModelUnavailable
-from emotion.model import EmotionModel, english_label, use_flex_attention
+from emotion.model import EmotionModel, document_block_mask, english_label, plan_pack
 
 LENGTHS_S = [0.5, 0.9, 1.7, 3.2, 7.5, 15.0, 30.0]
 
@@ -29,50 +29,86 @@ def test_loads_funasr_layout_with_english_labels(model):
     assert model.device.type == "cpu" and model.dtype == torch.float32
 
 
-def test_batched_scores_equal_funasr_generate_per_clip(model):
-    waves = [speech_like(s, seed=i) for i, s in enumerate(LENGTHS_S)]
-    batched = model.forward(waves)
-    for wave, out in zip(waves, batched):
-        labels, reference = funasr_scores(model, wave)
-        assert labels == model.labels
-        assert np.abs(out.probs - reference).max() < 1e-4
-    # Alone, each clip gives the same answer as in the batch.
-    for wave, out in zip(waves, batched):
-        assert np.abs(model.forward([wave])[0].probs - out.probs).max() < 1e-5
-
-
-def test_without_the_padding_fix_a_padded_batch_drifts(model, tiny_model):
-    """The positional-convolution leak is real: the hooks are what make batches exact."""
-    plain = EmotionModel(str(tiny_model), device="cpu")
-    for module in plain.net.modules():
-        module._forward_pre_hooks.clear()
-    short, long = speech_like(0.6, seed=1), speech_like(6.0, seed=2)
-    alone = plain.forward([short], embeddings=True)[0].embedding
-    padded = plain.forward([short, long], embeddings=True)[0].embedding
-    fixed = model.forward([short, long], embeddings=True)[0].embedding
-    assert np.abs(alone - padded).max() > 1e-3
-    assert np.abs(alone - fixed).max() < 1e-4
+@pytest.fixture(scope="module")
+def packed(tiny_model):
+    """Packed as on a GPU, where token budgets come with compiling: here FlexAttention runs
+    unfused, so the budgets are small."""
+    model = EmotionModel(str(tiny_model), device="cpu")
+    model.budgets = (512, 4096)
+    return model
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_scores_equal_funasr_generate(model, tiny_model):
-    """The attention that the GPU path compiles, run here unfused: same scores as FunASR's own."""
-    flex = EmotionModel(str(tiny_model), device="cpu", compile="off")
-    assert len(use_flex_attention(flex.net)) == 2  # the prenet block and the main block
-    waves = [speech_like(s, seed=i) for i, s in enumerate(LENGTHS_S[:5])]
-    for wave, out in zip(waves, flex.forward(waves)):
-        assert np.abs(out.probs - funasr_scores(model, wave)[1]).max() < 1e-4
+def test_packed_batch_scores_equal_funasr_generate_per_clip(packed):
+    """Mixed lengths and loudness in one packed pass, rounded up to its budget with filler:
+    each clip as FunASR scores it alone."""
+    gains = [0.01, 3.0, 1.0, 10.0, 0.2, 1.0, 0.5]
+    waves = [speech_like(s, seed=i) * g for i, (s, g) in enumerate(zip(LENGTHS_S, gains))]
+    batched = packed.forward(waves)
+    for wave, out in zip(waves, batched):
+        labels, reference = funasr_scores(packed, wave)
+        assert labels == packed.labels
+        assert np.abs(out.probs - reference).max() < 1e-4
+    lone = packed.forward([waves[0]])[0]  # packed alone, into the smallest budget
+    assert lone.frames == batched[0].frames and np.abs(lone.probs - batched[0].probs).max() < 1e-5
 
 
-def test_alibi_cache_holds_one_row_whatever_the_batch(model):
-    model.forward([speech_like(s, seed=i) for i, s in enumerate([2.0, 4.0, 6.0, 8.0])])
-    heads = model.net.modality_encoders["AUDIO"].modality_cfg.num_alibi_heads
-    cache = list(model.net.alibi_biases.values())
-    assert cache and all(t.shape[0] == heads for t in cache)
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_without_zeroing_between_clips_packed_clips_drift(packed, tiny_model):
+    """The positional convolution would leak neighbours into a clip's edge frames: the
+    hooks are what make packed batches exact."""
+    leaky = EmotionModel(str(tiny_model), device="cpu")
+    leaky.budgets = packed.budgets
+    for module in leaky.net.modules():
+        module._forward_pre_hooks.clear()
+    short, long = speech_like(0.6, seed=1), speech_like(6.0, seed=2)
+    alone = packed.forward([short], embeddings=True)[0].embedding
+    assert np.abs(alone - leaky.forward([short, long], embeddings=True)[0].embedding).max() > 1e-3
+    assert np.abs(alone - packed.forward([short, long], embeddings=True)[0].embedding).max() < 1e-5
 
 
-def test_embeddings_and_frames(model):
+def test_plan_pack_places_clips_on_stride_boundaries_with_a_gap(model):
+    lengths = [16000, 4_001, 480_000, 3_210]
+    pack = plan_pack(lengths, frames=model.frames, stride=model.stride, receptive=model.frames_to_samples(1),
+                     extra=10, gap=9)
+    assert all(start % model.stride == 0 for start in pack.sample_start)
+    frames = [model.frames(n) for n in lengths]
+    assert pack.frame_counts.tolist() == frames and pack.frame_keep.sum() == sum(frames)
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[False, pack.frame_keep, False])))[1::2]
+    assert runs.tolist() == [9, 9, 9]  # zero frames between clips, as far as the positional convolution reaches
+    assert pack.is_extra.sum() == 40 and len(pack.doc) == sum(frames) + 40 and (pack.doc >= 0).all()
+    assert pack.samples == pack.sample_start[-1] + lengths[-1]  # the last clip whole, for its layer norm
+
+
+def test_document_block_mask_visits_exactly_the_blocks_that_hold_allowed_scores():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        sizes = rng.integers(1, 400, rng.integers(1, 8))
+        filler = int(rng.integers(0, 300))
+        doc = np.concatenate([np.repeat(np.arange(len(sizes)), sizes), -1 - np.arange(filler)]).astype(np.int32)
+        allowed = doc[:, None] == doc[None, :]
+        n = -(-len(doc) // 128)
+        padded = np.zeros((n * 128, n * 128), bool)
+        padded[: len(doc), : len(doc)] = allowed
+        blocks = padded.reshape(n, 128, n, 128).transpose(0, 2, 1, 3)
+        valid = np.zeros_like(padded)
+        valid[: len(doc), : len(doc)] = True
+        valid = valid.reshape(n, 128, n, 128).transpose(0, 2, 1, 3)
+        mask = document_block_mask(doc, torch.device("cpu"))
+        visited = mask.to_dense()[0, 0].numpy().astype(bool)
+        full = np.zeros((n, n), bool)
+        for i in range(n):
+            full[i, mask.full_kv_indices[0, 0, i, : mask.full_kv_num_blocks[0, 0, i]].numpy()] = True
+        assert (visited == blocks.any((2, 3))).all()
+        assert (full == (blocks == valid).all((2, 3)) & blocks.any((2, 3))).all()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_embeddings_and_frames(model, packed):
     out = model.forward([speech_like(1.0), speech_like(2.0)], frames=True, embeddings=True)
+    for alone, together in zip(out, packed.forward([speech_like(1.0), speech_like(2.0)], frames=True, embeddings=True)):
+        assert np.abs(alone.frame_embeddings - together.frame_embeddings).max() < 1e-5
+        assert np.abs(alone.frame_probs - together.frame_probs).max() < 1e-5
     assert out[0].embedding.shape == (model.embed_dim,)
     assert out[0].frames == 49 and out[1].frames == 99  # 20 ms hop, 25 ms receptive field
     assert out[1].frame_probs.shape == (99, 9)
