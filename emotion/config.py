@@ -32,7 +32,7 @@ class EngineConfig:
     dtype: str = "auto"
     compile: str = "auto"
     labels: tuple[str, ...] = ()  # empty: every label of the model
-    # 0 picks per device: the benchmark shows padded batches pay off on a GPU only.
+    # 0 picks per device: batches pay off on a GPU only (packed; on CPU clips run one by one).
     max_batch_size: int = 0
     max_wait_ms: float = 2.0
     max_queue: int = 512

@@ -1,4 +1,4 @@
-"""emotion2vec through FunASR, with an exact padded-batch forward pass.
+"""emotion2vec through FunASR, with an exact packed-batch forward pass.
 
 This is the only engine module that imports torch and funasr.
 """
@@ -67,7 +67,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class EmotionModel:
-    """One emotion2vec checkpoint, resident on one device, answering padded batches."""
+    """One emotion2vec checkpoint, resident on one device, answering packed batches."""
 
     def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto",
                  labels: tuple[str, ...] = ()) -> None:
