@@ -107,7 +107,7 @@ class EmotionModel:
         self._install_gap_hooks()
         blocks = use_flex_attention(self.net)
         # Packing is exact where everything before attention works frame by frame.
-        self.packs = bool(blocks) and cfg.extractor_mode == "layer_norm"
+        self.packs = bool(blocks) and cfg.extractor_mode == "layer_norm" and self._extra > 0
         self.budgets: tuple[int, ...] = ()
         if compile == "on" or (compile == "auto" and self.device.type == "cuda"):
             # The conv front end is memory-bound: eager runs it as dozens of transposes, casts
@@ -328,7 +328,7 @@ def use_flex_attention(net: torch.nn.Module) -> list[torch.nn.Module]:
         isinstance(b, AltBlock) and not b.attn.cosine_attention and b.attn.num_heads == heads for b in blocks
     ):
         return []
-    unit = get_alibi(2, heads)[:, 0, 1].float().to(enc.extra_tokens.device)  # -slope: the bias at distance 1
+    unit = get_alibi(2, heads)[:, 0, 1].float().to(next(net.parameters()).device)  # -slope: the bias at distance 1
     if enc.get_alibi_bias is None:
         unit = torch.zeros_like(unit)
     # FunASR's scale: clamped at 0, one for all layers or one per layer, per head or shared.
