@@ -63,8 +63,9 @@ async def _answer(request, engine: EmotionEngine, config: ServerConfig, handler)
             raise ModelUnavailable(engine.error)
         if not engine.warm:
             raise ModelUnavailable("the emotion model is still loading")
-        if engine.full:  # before the body is read
-            raise Overloaded(f"emotion engine is overloaded: {engine.config.max_queue} turns already in progress")
+        refused = engine.full
+        if refused:  # before the body is read
+            raise Overloaded(f"emotion engine is overloaded: {refused}")
         body = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES)
         return await handler(request, body, engine)
     except EmotionError as exc:

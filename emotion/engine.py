@@ -38,6 +38,7 @@ class EmotionEngine:
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._loading: asyncio.Future | None = None
         self._turns = 0  # turns between arrival and result (fetching, decoding, waiting, running)
+        self._clips_per_s = 0.0  # inference rate over recent batches, for admission
         self.on_batch = None  # metrics hook: (batch_size, seconds)
         self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
         self.stats = BatchStats()  # every batch run, by the micro-batcher or analyze_waves
@@ -150,10 +151,16 @@ class EmotionEngine:
                 max_wait_ms=self.config.max_wait_ms,
                 max_queue=self.config.max_queue,
                 max_batch_cost=self._max_batch_cost,
-                on_batch=lambda n, s: self.on_batch and self.on_batch(n, s),
+                on_batch=self._batch_done,
             )
             self._batcher.stats = self.stats
         return self._batcher
+
+    def _batch_done(self, clips: int, seconds: float) -> None:
+        rate = clips / max(seconds, 1e-6)
+        self._clips_per_s = rate if not self._clips_per_s else 0.8 * self._clips_per_s + 0.2 * rate
+        if self.on_batch is not None:
+            self.on_batch(clips, seconds)
 
     def _run_clips(self, clips: list[Clip]):
         return self.model.forward(
@@ -186,16 +193,25 @@ class EmotionEngine:
             return await self._analyze_bytes(data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline)
 
     @property
-    def full(self) -> bool:
-        """As many turns in progress as EMOTION_MAX_QUEUE allows: a new one is refused."""
-        return self._turns >= self.config.max_queue
+    def full(self) -> str | None:
+        """Why a new turn would be refused now, or None: EMOTION_MAX_QUEUE turns in progress,
+        or so many that at the recent inference rate a new one would finish past the turn's
+        deadline anyway."""
+        if self._turns >= self.config.max_queue:
+            return f"{self._turns} turns already in progress"
+        wait_s = (self._turns + 1) / self._clips_per_s if self._clips_per_s else 0.0
+        if wait_s > self.config.turn_timeout_s:
+            return f"{self._turns} turns in progress would take {wait_s:.1f} s, past the {self.config.turn_timeout_s:g} s turn limit"
+        return None
 
     @contextlib.contextmanager
     def _admitted(self):
         # Past capacity a turn is refused before any fetch or decode: under overload the
-        # excess gets its answer in milliseconds, and the turns admitted keep their pace.
-        if self.full:
-            raise Overloaded(f"emotion engine is overloaded: {self._turns} turns already in progress")
+        # excess gets its answer in milliseconds rather than a timeout seconds later, and
+        # the turns admitted keep their pace.
+        refused = self.full
+        if refused:
+            raise Overloaded(f"emotion engine is overloaded: {refused}")
         self._turns += 1
         try:
             yield

@@ -343,3 +343,37 @@ def test_past_max_queue_a_turn_is_refused_before_its_audio_is_decoded(tiny_model
     refused_in, results, after = asyncio.run(main())
     assert refused_in < 0.05 and b"turn 3" not in decoded
     assert all(r.emotion for r in results) and after.emotion and engine._turns == 0
+
+
+def test_a_turn_that_would_finish_past_its_deadline_is_refused_at_once(tiny_model):
+    """At the recent inference rate (here 5 clips/s), turns beyond what can finish within
+    EMOTION_TURN_TIMEOUT_S are answered `overloaded` on arrival, not with a timeout later."""
+    from emotion.errors import Overloaded
+
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=1,
+                                        turn_timeout_s=2.0)).load()
+    real = engine.model.forward
+
+    def slow(waves, **kwargs):
+        time.sleep(0.2)
+        return real(waves, **kwargs)
+
+    engine.model.forward = slow
+    engine.decode_sync = lambda data, *a: speech_like(1.0)
+
+    async def main():
+        await engine.analyze_bytes(b"learn the rate")
+        started = time.monotonic()
+        turns = [asyncio.ensure_future(engine.analyze_bytes(b"turn")) for _ in range(20)]
+        await asyncio.sleep(0)
+        refused = [t for t in turns if t.done()]  # refused before their first await
+        refused_in = time.monotonic() - started
+        out = await asyncio.gather(*turns, return_exceptions=True)
+        await engine.close()
+        return refused, refused_in, out
+
+    refused, refused_in, out = asyncio.run(main())
+    overloaded = [r for r in out if isinstance(r, Overloaded)]
+    assert 5 <= 20 - len(overloaded) <= 12 and refused_in < 0.05  # about 5 clips/s x 2 s admitted
+    assert len(refused) == len(overloaded) and "past the 2 s turn limit" in overloaded[0].message
+    assert sum(not isinstance(r, Exception) for r in out) >= 5  # the admitted are served (the last may reach the deadline)
