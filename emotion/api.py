@@ -63,7 +63,7 @@ async def _answer(request, engine: EmotionEngine, config: ServerConfig, handler)
             raise ModelUnavailable(engine.error)
         if not engine.warm:
             raise ModelUnavailable("the emotion model is still loading")
-        refused = engine.full
+        refused = engine.overload_reason
         if refused:  # before the body is read
             raise Overloaded(f"emotion engine is overloaded: {refused}")
         body = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES)

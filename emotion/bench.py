@@ -161,13 +161,41 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
         wavs = _turn_wavs(args, Path(clips_dir))
         try:
             with action_server(env) as (_proc, url), _file_server(clips_dir) as clips_url:
-                report = {path: asyncio.run(_open_loop(url, path, args, clips_url, len(wavs))) for path in SERVER_PATHS}
+                probe_s = _health_cpu_s(url)
+                report = {"health_probe_event_loop_ms": round(probe_s * 1000, 3)}
+                for path in SERVER_PATHS:
+                    before = _server_cpu(url)
+                    run = report[path] = asyncio.run(_open_loop(url, path, args, clips_url, len(wavs)))
+                    spent = {k: v - before.get(k, 0.0) for k, v in _server_cpu(url).items()}
+                    for k in ("process", "event_loop"):  # the /health prober's share is not a turn's
+                        spent[k] = spent.get(k, 0.0) - run["health_ms_while_busy"]["probes"] * probe_s
+                    run["server_cpu_ms_per_turn"] = {k: round(v * 1000 / run["turns"], 2) for k, v in spent.items()}
                 result = httpx.post(url + "/v1/analyze", content=wavs[0], headers={"Content-Type": "audio/wav"}, timeout=120).json()
                 report["tracker_bytes_per_turn"] = tracker_bytes_per_turn(wavs[0], result)
                 report["recompiles_after_ready"] = httpx.get(url + "/ready").json()["graph_compiles_after_ready"]
                 return report
         except RuntimeError as exc:
             return {"error": str(exc)}
+
+
+def _server_cpu(url: str) -> dict[str, float]:
+    """The server process's CPU seconds by thread role (its /ready). The event loop's share
+    per turn caps what one process serves, whatever the model's speed."""
+    import httpx
+
+    return httpx.get(url + "/ready", timeout=30).json()["cpu_seconds"]
+
+
+def _health_cpu_s(url: str, probes: int = 200) -> float:
+    """Event-loop CPU seconds one /health costs the server (measured on it idle)."""
+    import httpx
+
+    with httpx.Client(timeout=30) as client:
+        before = client.get(url + "/ready").json()["cpu_seconds"].get("event_loop", 0.0)
+        for _ in range(probes):
+            client.get(url + "/health")
+        after = client.get(url + "/ready").json()["cpu_seconds"].get("event_loop", 0.0)
+    return max(after - before, 0.0) / probes
 
 
 # The production paths the README recommends (the API with raw bytes; the webhook with URL
@@ -220,6 +248,8 @@ async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: s
     done = asyncio.Event()
 
     async def probe():
+        # From the first arrival: before it, the load processes' start-up shares the CPU.
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         async with httpx.AsyncClient(timeout=30) as client:
             while not done.is_set():
                 t = time.perf_counter()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Sequence
 
@@ -41,7 +43,12 @@ class EmotionEngine:
         self._clips_per_s = 0.0  # inference rate over recent batches, for admission
         self.on_batch = None  # metrics hook: (batch_size, seconds)
         self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
+        self.freeze_heap = False  # the action server's: see load()
         self.stats = BatchStats()  # every batch run, by the micro-batcher or analyze_waves
+        # CPU seconds by thread role: what bounds one server process apart from the model.
+        self._cpu_s = {"decode": 0.0, "inference": 0.0}
+        self._cpu_lock = threading.Lock()
+        self._loop_thread: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -60,6 +67,14 @@ class EmotionEngine:
             raise
         if self.config.warmup:
             self._warmup()
+        if self._fetcher is None:  # here, not in the first URL turn: it blocks the event loop ~50 ms
+            self._fetcher = AudioFetcher(self.config)
+        if self.freeze_heap:
+            # torch, FunASR and the model leave ~500k objects that live as long as the process,
+            # and a full collection walks them all while holding the GIL: 0.4 s on a 2-core
+            # CPU, a stall for every conversation at once. Frozen, collections skip them.
+            gc.collect()
+            gc.freeze()
         # A graph compiled while serving stalls every conversation: /ready counts them.
         self._graphs_at_ready = self.model.compiled_graphs()
         self.warm = True
@@ -116,8 +131,32 @@ class EmotionEngine:
             "max_batch_size": self.max_batch_size if model else None,
             "queue_depth": self._batcher.depth if self._batcher else 0,
             "graph_compiles_after_ready": model.compiled_graphs() - self._graphs_at_ready if self.warm else None,
+            "cpu_seconds": self.cpu_seconds(),
             "error": self.error,
         }
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time this process has spent: in all (``process``, torch's own threads
+        included), on the event loop that serves HTTP, in decoding and on the inference
+        thread. The event loop's share per turn is what caps one server process: at
+        1 ms a turn it is saturated at 1,000 turns/s whatever the GPU does."""
+        with self._cpu_lock:
+            out = {"process": time.process_time(), **self._cpu_s}
+        getclock = getattr(time, "pthread_getcpuclockid", None)  # not on macOS
+        if self._loop_thread is not None and getclock is not None:
+            with contextlib.suppress(OSError):  # the loop's thread has ended
+                out["event_loop"] = time.clock_gettime(getclock(self._loop_thread))
+        return {k: round(v, 4) for k, v in out.items()}
+
+    def _timed(self, role: str, fn, *args, **kwargs):
+        # Thread CPU time, not wall time: a thread waiting for the GIL or the GPU costs none.
+        started = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent = time.thread_time() - started
+            with self._cpu_lock:
+                self._cpu_s[role] += spent
 
     def _warmup(self) -> None:
         # Typical turns; with token budgets (GPU) a batch for each budget a batch can need,
@@ -144,6 +183,7 @@ class EmotionEngine:
 
     def _ensure_batcher(self) -> MicroBatcher:
         if self._batcher is None:
+            self._loop_thread = threading.get_ident()
             self._batcher = MicroBatcher(
                 self._run_clips,
                 size=lambda clip: self.model.tokens(len(clip.wave)),
@@ -163,10 +203,9 @@ class EmotionEngine:
             self.on_batch(clips, seconds)
 
     def _run_clips(self, clips: list[Clip]):
-        return self.model.forward(
-            [c.wave for c in clips],
-            frames=any(c.frames for c in clips),
-            embeddings=any(c.embeddings for c in clips),
+        return self._timed(
+            "inference", self.model.forward, [c.wave for c in clips],
+            frames=any(c.frames for c in clips), embeddings=any(c.embeddings for c in clips),
         )
 
     # -- analysis --------------------------------------------------------------------
@@ -193,7 +232,7 @@ class EmotionEngine:
             return await self._analyze_bytes(data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline)
 
     @property
-    def full(self) -> str | None:
+    def overload_reason(self) -> str | None:
         """Why a new turn would be refused now, or None: EMOTION_MAX_QUEUE turns in progress,
         or so many that at the recent inference rate a new one would finish past the turn's
         deadline anyway."""
@@ -209,7 +248,7 @@ class EmotionEngine:
         # Past capacity a turn is refused before any fetch or decode: under overload the
         # excess gets its answer in milliseconds rather than a timeout seconds later, and
         # the turns admitted keep their pace.
-        refused = self.full
+        refused = self.overload_reason
         if refused:
             raise Overloaded(f"emotion engine is overloaded: {refused}")
         self._turns += 1
@@ -226,7 +265,7 @@ class EmotionEngine:
         with self._span("emotion.decode", bytes=len(data)):
             if self._decoder is None:
                 self._decoder = concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="emotion-decode")
-            job = asyncio.get_running_loop().run_in_executor(self._decoder, self.decode_sync, data, encoding, sample_rate_hz, channel)
+            job = asyncio.get_running_loop().run_in_executor(self._decoder, self._timed, "decode", self.decode_sync, data, encoding, sample_rate_hz, channel)
             wave = await self._stage(job, deadline, "decoding", self.config.decode_timeout_s)
         decoded = time.perf_counter()
         result = await self._analyze_wave(wave, granularity, embeddings, deadline)

@@ -63,6 +63,7 @@ class EmotionPlugin:
                                           on_outcome=lambda outcome: metrics.ALERTS.labels(outcome).inc())
             self._engine = EmotionEngine(engine_config)
             self._engine.on_batch = metrics.record_batch
+            self._engine.freeze_heap = True  # this process is the server's own
             metrics.QUEUE_DEPTH.set_function(lambda: self._engine.status()["queue_depth"])
         return self._engine
 

@@ -247,11 +247,13 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
 
 class _GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, guard: _AddressGuard) -> None:
-        super().__init__(retries=0)
+        # One TLS context (loading the CA bundle takes tens of ms), given to httpx too.
+        ssl_context = httpx.create_ssl_context()
+        super().__init__(verify=ssl_context, retries=0)
         # httpx builds its connection pool privately; swap in one whose every connection
         # goes through the guard.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=ssl_context,
             max_connections=100,
             max_keepalive_connections=20,
             keepalive_expiry=5.0,

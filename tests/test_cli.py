@@ -90,6 +90,9 @@ def test_small_benchmark_runs_and_reports(tmp_path):
         run = report["action_server"][path]
         assert run["errors"] == 0 and run["turns"] == 12 and run["health_ms_while_busy"]["probes"] > 0, run
         assert 0 < run["offered_turns_per_s"] and 0 < run["turns_per_s"] and run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
+        cpu = run["server_cpu_ms_per_turn"]
+        assert set(cpu) == {"process", "event_loop", "decode", "inference"} and min(cpu.values()) > 0, cpu
+        assert cpu["process"] > cpu["inference"], cpu
     assert report["recompiles_after_ready"] == 0 and report["action_server"]["recompiles_after_ready"] == 0
     tracker = report["action_server"]["tracker_bytes_per_turn"]
     assert tracker["metadata.emotion (api or EmotionRestInput)"] < 1500 < 20_000 < tracker["metadata.audio.base64"]

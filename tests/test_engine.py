@@ -96,6 +96,41 @@ def test_async_bytes_path_records_timings_and_spans(tiny_model):
     assert spans["emotion.inference"].attributes["audio_seconds"] == 2.0
 
 
+def test_cpu_seconds_by_thread_role(tiny_model):
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    flac = encode(speech_like(30.0, 44_100, seed=3), 44_100, "FLAC")  # decoding and resampling cost CPU
+
+    async def main():
+        await engine.start()
+        before = engine.cpu_seconds()
+        await asyncio.gather(*(engine.analyze_bytes(flac) for _ in range(3)))
+        after = engine.cpu_seconds()
+        await engine.close()
+        return before, after
+
+    before, after = asyncio.run(main())
+    spent = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert set(spent) == {"process", "event_loop", "decode", "inference"}
+    assert spent["decode"] > 0 and spent["inference"] > 0 and spent["event_loop"] > 0
+    assert spent["process"] >= spent["decode"] + spent["inference"] + spent["event_loop"] - 0.01
+    assert spent["event_loop"] < spent["decode"]  # decoding runs off the loop (~10x apart here)
+    assert engine.status()["cpu_seconds"]["decode"] == pytest.approx(after["decode"])
+
+
+def test_the_servers_engine_freezes_what_loading_left_on_the_heap(tiny_model):
+    import gc
+
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    engine.freeze_heap = True
+    try:
+        engine.load()
+        assert gc.get_freeze_count() > 10_000  # the loaded model and its libraries
+    finally:
+        gc.unfreeze()
+    plain = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False)).load()
+    assert plain.model is not None and gc.get_freeze_count() == 0  # a library caller's heap is theirs
+
+
 def test_inference_time_limit(tiny_model):
     engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, turn_timeout_s=0.1))
 
