@@ -149,7 +149,8 @@ class EmotionEngine:
         return {k: round(v, 4) for k, v in out.items()}
 
     def _timed(self, role: str, fn, *args, **kwargs):
-        # Thread CPU time, not wall time: a thread waiting for the GIL or the GPU costs none.
+        # Thread CPU time, not wall time: waiting for the GIL costs none (spinning on a CUDA
+        # sync does, and is counted).
         started = time.thread_time()
         try:
             return fn(*args, **kwargs)
