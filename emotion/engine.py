@@ -287,7 +287,8 @@ class EmotionEngine:
 
     async def _analyze_wave(self, wave: np.ndarray, granularity: str, embeddings: bool, deadline: float) -> EmotionResult:
         plan = self._plan(len(wave), granularity)
-        await self._stage(self.start(), deadline, "waiting for the model to load")
+        if not self.warm:  # once loaded, no task and timer a turn for it
+            await self._stage(self.start(), deadline, "waiting for the model to load")
         started = time.perf_counter()
         batcher = self._ensure_batcher()
         clips = clips_for(wave, plan, embeddings)
