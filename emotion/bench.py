@@ -168,7 +168,8 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
                     run = report[path] = asyncio.run(_open_loop(url, path, args, clips_url, len(wavs)))
                     spent = {k: v - before.get(k, 0.0) for k, v in _server_cpu(url).items()}
                     for k in ("process", "event_loop"):  # the /health prober's share is not a turn's
-                        spent[k] = spent.get(k, 0.0) - run["health_ms_while_busy"]["probes"] * probe_s
+                        if k in spent:
+                            spent[k] -= run["health_ms_while_busy"]["probes"] * probe_s
                     run["server_cpu_ms_per_turn"] = {k: round(v * 1000 / run["turns"], 2) for k, v in spent.items()}
                 result = httpx.post(url + "/v1/analyze", content=wavs[0], headers={"Content-Type": "audio/wav"}, timeout=120).json()
                 report["tracker_bytes_per_turn"] = tracker_bytes_per_turn(wavs[0], result)
@@ -190,12 +191,11 @@ def _health_cpu_s(url: str, probes: int = 200) -> float:
     """Event-loop CPU seconds one /health costs the server (measured on it idle)."""
     import httpx
 
+    before = _server_cpu(url).get("event_loop", 0.0)
     with httpx.Client(timeout=30) as client:
-        before = client.get(url + "/ready").json()["cpu_seconds"].get("event_loop", 0.0)
         for _ in range(probes):
             client.get(url + "/health")
-        after = client.get(url + "/ready").json()["cpu_seconds"].get("event_loop", 0.0)
-    return max(after - before, 0.0) / probes
+    return max(_server_cpu(url).get("event_loop", 0.0) - before, 0.0) / probes
 
 
 # The production paths the README recommends (the API with raw bytes; the webhook with URL
