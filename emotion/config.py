@@ -103,8 +103,10 @@ class ServerConfig:
     fail_fast: bool = False
     log_text: bool = False
     metrics: bool = True
+    engine_process: str = "auto"  # the model in a process of its own: auto = with several Sanic workers
 
     def __post_init__(self) -> None:
+        _check_choice("engine_process", self.engine_process, ("auto", "on", "off"))
         _check_range("history_turns", self.history_turns, 1, 1000)
         _check_range("alert_timeout_s", self.alert_timeout_s, 0.1, 60)
         _check_range("alert_retries", self.alert_retries, 0, 10)

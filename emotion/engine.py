@@ -132,8 +132,13 @@ class EmotionEngine:
             "queue_depth": self._batcher.depth if self._batcher else 0,
             "graph_compiles_after_ready": model.compiled_graphs() - self._graphs_at_ready if self.warm else None,
             "cpu_seconds": self.cpu_seconds(),
+            "pid": os.getpid(),
             "error": self.error,
         }
+
+    async def current_status(self) -> dict:
+        """``status()``, fresh from wherever the model runs (see engine_process)."""
+        return self.status()
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time this process has spent: in all (``process``, torch's own threads
@@ -258,8 +263,12 @@ class EmotionEngine:
         finally:
             self._turns -= 1
 
-    async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
-        return await self._analyze_wave(wave, granularity, embeddings, time.monotonic() + self.config.turn_timeout_s)
+    async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False,
+                           timeout_s: float | None = None) -> EmotionResult:
+        """Analyse a decoded 16 kHz wave within ``timeout_s`` (the turn limit by default)."""
+        deadline = time.monotonic() + (self.config.turn_timeout_s if timeout_s is None else timeout_s)
+        with self._admitted():
+            return await self._analyze_wave(wave, granularity, embeddings, deadline)
 
     async def _analyze_bytes(self, data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline) -> EmotionResult:
         started = time.perf_counter()

@@ -1,8 +1,16 @@
-"""Prometheus metrics for the engine and the actions (one registry per process)."""
+"""Prometheus metrics for the engine and the actions.
+
+One registry per process; with the model in its own process, the action server sets
+``PROMETHEUS_MULTIPROC_DIR`` before its workers start, and every worker's page shows the
+sum over all of them and the engine process.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -13,10 +21,30 @@ STAGE_SECONDS = Histogram("emotion_stage_seconds", "Time per stage of a turn", [
 BATCH_SIZE = Histogram("emotion_batch_size", "Clips per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 BATCH_SECONDS = Histogram("emotion_batch_seconds", "Time per inference batch", buckets=_LATENCY_BUCKETS)
 ALERTS = Counter("emotion_alerts_total", "Escalation alerts to EMOTION_ALERT_URL, by outcome", ["outcome"])
-QUEUE_DEPTH = Gauge("emotion_queue_depth", "Clips waiting for inference")
-MODEL_READY = Gauge("emotion_model_ready", "1 once the model is loaded and warm")
 
-__all__ = ["CONTENT_TYPE_LATEST", "generate_latest", "record_batch", "record_timings"]
+__all__ = ["CONTENT_TYPE_LATEST", "page", "record_batch", "record_timings"]
+
+
+def page(status: dict) -> bytes:
+    """The /metrics page; the engine's gauges come from its status at scrape time, since
+    gauges set in one process mean nothing summed over several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    gauges = CollectorRegistry()
+    gauges.register(_Gauges(status))
+    return generate_latest(registry) + generate_latest(gauges)
+
+
+class _Gauges:
+    def __init__(self, status: dict) -> None:
+        self.status = status
+
+    def collect(self):
+        yield GaugeMetricFamily("emotion_queue_depth", "Clips waiting for inference", value=self.status["queue_depth"])
+        yield GaugeMetricFamily("emotion_model_ready", "1 once the model is loaded and warm", value=float(bool(self.status["ready"])))
 
 
 def record_batch(size: int, seconds: float) -> None:

@@ -7,8 +7,12 @@ Sanic app that ``rasa run actions`` builds in each worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +22,13 @@ from rasa_sdk.events import ConversationPaused, SlotSet
 from rasa_sdk.executor import CollectingDispatcher
 from rasa_sdk.plugin import plugin_manager
 from sanic import response
+from sanic.exceptions import SanicException
 
-from emotion import api, metrics
+from emotion import api, engine_process, metrics
 from emotion.alerts import AlertSender
 from emotion.config import LABELS, EngineConfig, ServerConfig
 from emotion.engine import EmotionEngine
+from emotion.engine_process import ENGINE_SOCKET_ENV, EngineClient
 from emotion.errors import ConfigError, EmotionError
 from emotion.rules import EscalationRule, Turn, evaluate_rules, load_rules
 from emotion.sources import parse_audio_ref
@@ -36,6 +42,7 @@ VOICE_CHANNELS = frozenset({"audiocodes", "audiocodes_stream", "browser_audio", 
                             "json_audio", "signalwire", "twilio_media_streams", "twilio_voice", "vonage", "websockets_voice"})
 REVIEW_PAGE = Path(__file__).with_name("ui") / "review.html"
 HANDOFF_ACTION = "action_handoff_to_human"
+ENGINE_PROCESS = "EmotionEngine"  # Sanic names it Sanic-EmotionEngine-0
 _hookimpl = pluggy.HookimplMarker("rasa_sdk")
 
 
@@ -61,14 +68,23 @@ class EmotionPlugin:
             if config.alert_url:
                 self.alerts = AlertSender(config.alert_url, timeout_s=config.alert_timeout_s, retries=config.alert_retries,
                                           on_outcome=lambda outcome: metrics.ALERTS.labels(outcome).inc())
-            self._engine = EmotionEngine(engine_config)
-            self._engine.on_batch = metrics.record_batch
+            path = os.environ.get(ENGINE_SOCKET_ENV)
+            if path:  # a Sanic worker, with the model in the engine process
+                self._engine = EngineClient(engine_config, path)
+            else:
+                self._engine = EmotionEngine(engine_config)
+                self._engine.on_batch = metrics.record_batch
             self._engine.freeze_heap = True  # this process is the server's own
-            metrics.QUEUE_DEPTH.set_function(lambda: self._engine.status()["queue_depth"])
         return self._engine
 
     @_hookimpl
     def attach_sanic_app_extensions(self, app) -> None:
+        try:
+            app.register_listener(self._start_engine_process, "main_process_ready")
+        except SanicException:  # Sanic before 22.9 (rasa-sdk 3.6): no worker manager, a model per worker
+            pass
+        else:
+            app.register_listener(self._after_engine_process, "main_process_stop")
         app.register_listener(self._before_start, "before_server_start")
         app.register_listener(self._after_stop, "after_server_stop")
         app.add_route(self._ready, "/ready", methods=["GET"], name="emotion_ready")
@@ -79,6 +95,26 @@ class EmotionPlugin:
     def settings(self) -> tuple[EmotionEngine, ServerConfig]:
         engine = self.engine  # reads the settings on first use
         return engine, self.config
+
+    def _start_engine_process(self, app) -> None:
+        """In the main process, before the workers start: with several workers (or
+        EMOTION_ENGINE_PROCESS=on) the model gets a process of its own that they all share."""
+        wanted = ServerConfig.from_env().engine_process
+        if wanted == "off" or (wanted == "auto" and app.state.workers <= 1):
+            return
+        path = os.path.join(tempfile.mkdtemp(prefix="emotion-"), "engine.sock")  # 0700: see engine_process
+        os.environ[ENGINE_SOCKET_ENV] = path  # the workers, spawned next, inherit it
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # /metrics sums over all processes
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.path.dirname(path), "metrics")
+            os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        app.manager.manage(ENGINE_PROCESS, engine_process.serve, {"path": path}, restartable=True)
+        log.info("emotion model runs in its own process, shared by %d Sanic worker(s)", app.state.workers)
+
+    @staticmethod
+    def _after_engine_process(_app) -> None:
+        path = os.environ.pop(ENGINE_SOCKET_ENV, None)
+        if path:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     async def _before_start(self, app, _loop) -> None:
         try:
@@ -91,13 +127,14 @@ class EmotionPlugin:
         provider = getattr(app.ctx, "tracer_provider", None)
         if provider is not None:
             engine.tracer = provider.get_tracer("emotion")
+        if isinstance(engine, EngineClient) and _restarts_engine_process(app):
+            engine.on_lost = lambda: app.add_task(_restart_engine_process(app))
         if self.config.fail_fast:
             try:
                 await engine.start()
             except EmotionError as exc:
                 log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
                 raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
-            metrics.MODEL_READY.set(1)
         else:
             app.add_task(self._load_in_background(engine), name="emotion_load")
 
@@ -105,7 +142,6 @@ class EmotionPlugin:
     async def _load_in_background(engine: EmotionEngine) -> None:
         try:
             await engine.start()
-            metrics.MODEL_READY.set(1)
         except EmotionError as exc:
             # Turns get emotion_error and /ready says why; the bot keeps talking.
             log.error("emotion model failed to load: %s", exc.message)
@@ -117,7 +153,7 @@ class EmotionPlugin:
             await self.alerts.close()
 
     async def _ready(self, _request):
-        status = self.engine.status()
+        status = await self.engine.current_status()
         return response.json(status, status=200 if status["ready"] else 503)
 
     async def _review_page(self, _request):
@@ -129,7 +165,24 @@ class EmotionPlugin:
     async def _metrics(self, _request):
         if not self.settings()[1].metrics:
             return response.json({"error": "metrics are off (EMOTION_METRICS=false)"}, status=404)
-        return response.raw(metrics.generate_latest(), content_type=metrics.CONTENT_TYPE_LATEST)
+        return response.raw(metrics.page(await self.engine.current_status()), content_type=metrics.CONTENT_TYPE_LATEST)
+
+
+async def _restart_engine_process(app) -> None:
+    name = next(name for name in app.m.workers if ENGINE_PROCESS in name)
+    for _ in range(100):  # Sanic restarts only what its manager has seen end
+        if app.m.workers[name].get("state") in ("FAILED", "COMPLETED"):
+            app.m.restart(name=name)
+            return
+        await asyncio.sleep(0.1)
+    log.error("emotion: the engine process %s did not end; not restarting it", name)
+
+
+def _restarts_engine_process(app) -> bool:
+    """One worker, the first, asks Sanic to restart a lost engine process: one restart
+    and one model load, however many workers notice."""
+    servers = sorted(name for name, state in app.m.workers.items() if state.get("server"))
+    return bool(servers) and app.m.name == servers[0]
 
 
 PLUGIN = EmotionPlugin()

@@ -1,0 +1,125 @@
+"""Two Sanic workers and one engine process: the action server's tests again, then what
+only this layout has (one model in memory, a lost engine process restarted)."""
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import b64, rasa_call, slot_events, wav_bytes
+from test_action_server import (  # noqa: F401  (collected here again, on this module's server)
+    post,
+    run_server_to_exit,
+    test_a_new_session_starts_with_no_history_and_no_cooldown,
+    test_bad_audio_gets_emotion_error_and_the_server_keeps_serving,
+    test_base64_turn_is_tagged_and_escalates,
+    test_concurrent_turns_are_all_answered,
+    test_handoff_sends_context_pauses_and_resets,
+    test_metrics_are_exposed,
+    test_path_turn,
+    test_telephony_mulaw_turn,
+    test_url_turn,
+)
+from test_api import test_frames_with_embeddings, test_multipart_upload  # noqa: F401  (again, through the engine process)
+
+SERVER_ENV = {"ACTION_SERVER_SANIC_WORKERS": "2"}
+
+
+@pytest.fixture(scope="module")
+def server(angry_server):
+    return angry_server
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def holds_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def api_turns(url: str, n: int) -> list[httpx.Response]:
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(url + "/v1/analyze", content=wav_bytes(1.0 + i % 4, seed=i),
+                                                      headers={"Content-Type": "audio/wav"}) for i in range(n)))
+
+    return asyncio.run(main())
+
+
+def test_one_process_holds_the_model_and_every_worker_is_served(server):
+    status = httpx.get(server.url + "/ready").json()
+    assert status["ready"] is True and status["labels"][0] == "angry"
+    engine = status["engine_process"]
+    assert [p for p in descendants(server.proc.pid) if holds_torch(p)] == [engine]
+    for r in api_turns(server.url, 16):
+        assert r.status_code == 200 and r.json()["emotion"] == "angry" and r.json()["confidence"] == pytest.approx(0.9)
+    cpu = httpx.get(server.url + "/ready").json()["cpu_seconds"]
+    assert cpu["inference"] > 0 and cpu["engine_process"] > cpu["inference"] and cpu["event_loop"] > 0
+
+
+def test_metrics_sum_every_worker_and_the_engine_process(server):
+    def counts() -> tuple[float, float]:
+        text = httpx.get(server.url + "/metrics").text  # a new connection each time: any worker answers
+
+        def value(pattern):
+            found = re.search(pattern, text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        return value(r'^emotion_turns_total\{outcome="tagged"\} (\S+)$'), value(r"^emotion_batch_size_count (\S+)$")
+
+    before = {counts() for _ in range(8)}
+    assert len(before) == 1  # the same sums from whichever worker answers
+    (tagged, batches), = before
+    for i in range(6):
+        post(server, rasa_call(f"c-metrics-{i}", {"audio": {"base64": b64(wav_bytes(1.0, seed=i))}}))
+    assert {counts() for _ in range(8)} == {(tagged + 6, batches + 6)}  # one clip a batch on CPU
+
+
+def test_a_lost_engine_process_fails_turns_at_once_and_is_restarted(server):
+    engine = httpx.get(server.url + "/ready").json()["engine_process"]
+    os.kill(engine, signal.SIGKILL)
+    time.sleep(0.5)
+    started = time.monotonic()
+    slots = slot_events(post(server, rasa_call("c-lost", {"audio": {"base64": b64(wav_bytes(1.0))}})))
+    assert time.monotonic() - started < 2  # no waiting out the turn limit
+    assert slots["emotion_error"].startswith("[model_unavailable] the engine process") and slots["escalate"] is False
+    assert httpx.get(server.url + "/health").status_code == 200
+    deadline = time.monotonic() + 120
+    while httpx.get(server.url + "/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the engine process was not restarted"
+        time.sleep(0.5)
+    assert httpx.get(server.url + "/ready").json()["engine_process"] not in (engine, None)
+    # Both workers reconnect: enough turns that each gets some.
+    for r in api_turns(server.url, 12):
+        assert r.status_code == 200 and r.json()["emotion"] == "angry"
+
+
+def test_a_model_that_failed_to_load_in_the_engine_process(start_action_server, tmp_path):
+    srv = start_action_server({"EMOTION_MODEL": str(tmp_path / "no-model-here"), **SERVER_ENV})
+    ready = httpx.get(srv.url + "/ready")
+    assert ready.status_code == 503 and "no model directory" in ready.json()["error"]
+    slots = slot_events(post(srv, rasa_call("c-1", {"audio": {"base64": b64(wav_bytes(1.0))}})))
+    assert slots["emotion_error"].startswith("[model_unavailable] no model directory") and slots["escalate"] is False
+
+
+def test_fail_fast_stops_the_server_when_the_engine_process_cannot_load(tmp_path):
+    proc = run_server_to_exit({"EMOTION_MODEL": str(tmp_path / "missing"), "EMOTION_FAIL_FAST": "true", **SERVER_ENV})
+    assert proc.returncode != 0
+    assert "EMOTION_FAIL_FAST: no model directory at" in proc.stdout + proc.stderr
