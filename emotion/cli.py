@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--server-turns", type=int, default=64, help="turns through the action server over HTTP, per path (0: skip)")
     bench.add_argument("--server-rate", type=float, default=8.0, help="turns per second offered to the server, Poisson arrivals")
     bench.add_argument("--load-processes", type=int, default=2, help="processes sending those turns")
+    bench.add_argument("--server-workers", type=int, default=1, help="the action server's Sanic workers (ACTION_SERVER_SANIC_WORKERS)")
+    bench.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
+                       help="the model in a process of its own (EMOTION_ENGINE_PROCESS)")
     bench.add_argument("--compare-fp32", action="store_true", help="check bf16/fp16 against fp32: argmax agreement on mixed clips")
     bench.add_argument("--agreement-clips", type=int, default=1000, help="clips for --compare-fp32")
 

@@ -98,6 +98,21 @@ def test_small_benchmark_runs_and_reports(tmp_path):
     assert tracker["metadata.emotion (api or EmotionRestInput)"] < 1500 < 20_000 < tracker["metadata.audio.base64"]
 
 
+def test_the_benchmark_sums_server_cpu_over_workers_and_the_engine_process():
+    proc = cli("bench", "--size", "tiny", "--device", "cpu", "--clips", "2", "--baseline-clips", "1", "--concurrency", "1",
+               "--server-turns", "8", "--server-rate", "6", "--load-processes", "1", "--server-workers", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    server = json.loads(proc.stdout)["action_server"]
+    assert server["workers"] == 2 and server["engine_process"] is True
+    for path in ("api_raw_bytes", "webhook_url", "webhook_base64"):
+        run = server[path]
+        assert run["errors"] == 0 and run["turns"] == 8, run
+        cpu = run["server_cpu_ms_per_turn"]
+        assert set(cpu) == {"process", "event_loop", "decode", "inference", "engine_process", "engine_event_loop"}, cpu
+        # The workers hold no model: inference is the engine process's, and most of its CPU.
+        assert cpu["engine_process"] > cpu["inference"] > cpu["process"] > 0, cpu
+
+
 def run_main(capsys, *args):
     """The CLI in this process (no subprocess needed to test its outputs)."""
     from emotion.cli import main
