@@ -101,7 +101,11 @@ async def _answer(engine: EmotionEngine, channel: _Channel, rid: int, op: str, a
     except Exception as exc:  # a bug costs this turn, never the process
         log.exception("engine process request %s crashed", op)
         reply = (rid, None, InferenceFailed(f"the engine process failed: {type(exc).__name__}: {first_line(exc)}"))
-    channel.send(reply)
+    try:
+        channel.send(reply)
+    except Exception as exc:  # a result that cannot be sent must not leave its turn waiting
+        log.exception("engine process reply to %s could not be sent", op)
+        channel.send((rid, None, InferenceFailed(f"the engine process could not send the result: {first_line(exc)}")))
 
 
 class EngineClient(EmotionEngine):
@@ -140,14 +144,14 @@ class EngineClient(EmotionEngine):
         while True:
             lost = loop.create_future()
             try:
-                _, channel = await loop.create_unix_connection(functools.partial(_Channel, self._replied, functools.partial(lost.set_result, None)), self.path)
+                _, channel = await loop.create_unix_connection(functools.partial(_Channel, self._replied, functools.partial(_settle, lost)), self.path)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if time.monotonic() >= give_up:  # from now on turns fail at once, until it is back
                     self.error = self.error or f"the engine process is not answering: {first_line(exc)}"
                     self._settled.set()
                 await asyncio.sleep(0.25)
                 continue
-            self._channel = channel
+            self._channel, self._remote = channel, {}  # a restarted process is loading again
             ready = asyncio.ensure_future(self._await_ready())
             await lost  # until the engine process goes away
             ready.cancel()
@@ -288,6 +292,11 @@ class _Channel(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():  # cancelled when the worker closes the link itself
+        future.set_result(None)
 
 
 def _unpack(body: memoryview):

@@ -2,6 +2,7 @@
 only this layout has (one model in memory, a lost engine process restarted)."""
 
 import asyncio
+import itertools
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import b64, rasa_call, slot_events, wav_bytes
 from test_action_server import (  # noqa: F401  (collected here again, on this module's server)
@@ -26,12 +28,56 @@ from test_action_server import (  # noqa: F401  (collected here again, on this m
 )
 from test_api import test_frames_with_embeddings, test_multipart_upload  # noqa: F401  (again, through the engine process)
 
+from emotion.engine_process import _Channel
+
 SERVER_ENV = {"ACTION_SERVER_SANIC_WORKERS": "2"}
 
 
 @pytest.fixture(scope="module")
 def server(angry_server):
     return angry_server
+
+
+def test_the_channel_frames_messages_however_the_bytes_arrive():
+    """The servers' tests send every message through a real socket; here the bytes the
+    sender writes are fed to the receiver in chunks of 1 to 100 bytes, which no socket
+    can be made to do on purpose."""
+    written = []
+
+    class Transport:  # the sending end's transport: keeps what it is given
+        def write(self, data):
+            written.append(bytes(data))
+
+        def is_closing(self):
+            return False
+
+    messages = [
+        (1, "status", ()),
+        (2, "analyze", (np.arange(7, dtype=np.float32), "utterance", False, 1.5)),
+        (3, {"scores": np.zeros(0, np.float32), "frames": np.ones((3, 5))}, None),
+        (4, "analyze", (np.linspace(-1, 1, 16_001, dtype=np.float32), "frame", True, 0.25)),
+    ]
+    sender = _Channel(lambda m: None, lambda: None)
+    sender.connection_made(Transport())
+    for m in messages:
+        sender.send(m)
+    stream, got = b"".join(written), []
+    receiver = _Channel(got.append, lambda: None)
+    pos = 0
+    for step in itertools.cycle([1, 7, 100, 3]):
+        if pos == len(stream):
+            break
+        buffer = receiver.get_buffer(-1)
+        n = min(step, len(buffer), len(stream) - pos)
+        buffer[:n] = stream[pos : pos + n]
+        receiver.buffer_updated(n)
+        pos += n
+    assert [m[0] for m in got] == [1, 2, 3, 4]
+    assert got[0] == messages[0] and got[1][2][1:] == messages[1][2][1:] and got[3][2][1:] == messages[3][2][1:]
+    for sent, received in ((messages[1][2][0], got[1][2][0]), (messages[3][2][0], got[3][2][0])):
+        assert received.dtype == np.float32 and np.array_equal(received, sent)
+        assert received.ctypes.data % 16 == 0  # aligned, as torch.from_numpy wants
+    assert got[2][1]["scores"].shape == (0,) and np.array_equal(got[2][1]["frames"], np.ones((3, 5)))
 
 
 def descendants(pid: int) -> list[int]:
