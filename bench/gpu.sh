@@ -20,6 +20,7 @@ python3 -c 'import torch; print("torch", torch.__version__)'
 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/test_gpu.py tests/test_model.py tests/test_engine_process.py 2>&1 | tail -5
 python3 bench/profile_batch.py --size large --batch 64 --rows 30 >"$out/profile.txt" 2>&1
 head -c 6000 "$out/profile.txt"
+python3 bench/loop_cost.py --batch 64 2>/dev/null
 python3 -m emotion bench ${BENCH_ARGS:---size large --clips 2048 --baseline-clips 64 --concurrency 1 64 \
     --server-turns 4000 --server-rate 1000 --load-processes 8 --compare-fp32} >"$out/bench.json" 2>"$out/bench.log"
 echo "bench exit $?"

@@ -14,3 +14,11 @@ def test_mixed_load_through_the_action_server():
     assert proc.returncode == 0, report["failures"]
     assert report["turns"] == 270 and set(report["status_counts"]) == {"200"}
     assert all(case["wrong"] == 0 and case["turns"] == 30 for case in report["cases"].values())
+
+
+def test_the_engine_loop_cost_probe_batches_what_it_measures():
+    proc = subprocess.run([sys.executable, "bench/loop_cost.py", "--batch", "16", "--turns", "200"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    means = [float(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("event-loop CPU")]
+    assert len(means) == 3 and all(1 < m <= 16 for m in means), proc.stdout
