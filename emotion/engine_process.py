@@ -228,7 +228,7 @@ class EngineClient(EmotionEngine):
         # The engine process's event loop receives every worker's turns: the next limit.
         status["cpu_seconds"] = {**self.cpu_seconds(), "inference": theirs.get("inference", 0.0),
                                  "engine_process": theirs.get("process", 0.0), "engine_event_loop": theirs.get("event_loop", 0.0)}
-        status["engine_process"], status["pid"] = status.get("pid"), os.getpid()
+        status["engine_process"], status["pid"] = self._remote.get("pid"), os.getpid()
         status["ready"] = bool(status.get("ready")) and self.warm
         status["error"] = self.error or status.get("error")
         return status
