@@ -196,11 +196,12 @@ def _server_cpu(url: str, workers: int = 1) -> dict[str, float]:
     import httpx
 
     seen: dict[int, dict[str, float]] = {}
-    for _ in range(50 * workers):
+    give_up = time.monotonic() + 120  # a worker still starting answers nothing yet
+    while len(seen) < workers:
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"only {len(seen)} of {workers} Sanic workers answered /ready")
         status = httpx.get(url + "/ready", timeout=30).json()
         seen[status["pid"]] = status["cpu_seconds"]
-        if len(seen) == workers:
-            break
     total: dict[str, float] = {}
     for cpu in seen.values():
         for role, seconds in cpu.items():
