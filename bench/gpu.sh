@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one command, for a machine with an NVIDIA GPU and a CUDA
-# torch already installed: the GPU tests, a profile of one packed batch, then
+# torch already installed: the GPU tests, a profile of one packed batch, the engine's own
+# event-loop cost (in process, and through an engine process fed by 8 workers), then
 # `python -m emotion bench` on mixed 1-15 s turns, in-process and open-loop through the
 # action server, then through the action server again with 8 Sanic workers sharing one
 # engine process. Wheels for the other packages may wait in .whl/ (a GPU machine without
@@ -21,6 +22,7 @@ python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/test_gpu.p
 python3 bench/profile_batch.py --size large --batch 64 --rows 30 >"$out/profile.txt" 2>&1
 head -c 6000 "$out/profile.txt"
 python3 bench/loop_cost.py --batch 64 2>/dev/null
+python3 bench/loop_cost.py --batch 64 --workers 8 2>/dev/null
 python3 -m emotion bench ${BENCH_ARGS:---size large --clips 2048 --baseline-clips 64 --concurrency 1 64 \
     --server-turns 4000 --server-rate 1000 --load-processes 8 --compare-fp32} >"$out/bench.json" 2>"$out/bench.log"
 echo "bench exit $?"

@@ -141,16 +141,17 @@ class MicroBatcher:
         self._running = []
         self._worker.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, item: Any, *, timeout_s: float = 30.0) -> Any:
+    def submit(self, item: Any, *, timeout_s: float = 30.0) -> asyncio.Future:
+        """Queue ``item``; its future has the result. A future, not a coroutine: awaited
+        as it is, or with ``wait_for`` or ``gather``, it costs no task of its own."""
         self.start()
         now = time.monotonic()
         future = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, self._size(item), future, now, now + timeout_s)
         try:
-            self._queue.put_nowait(pending)
+            self._queue.put_nowait(_Pending(item, self._size(item), future, now, now + timeout_s))
         except asyncio.QueueFull:
             raise Overloaded(f"emotion engine is overloaded: {self._queue.maxsize} clips already waiting") from None
-        return await future
+        return future
 
     async def _loop(self) -> None:
         # Continuous batching: after each batch, everything waiting (what was left and what

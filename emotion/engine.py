@@ -89,6 +89,14 @@ class EmotionEngine:
             await asyncio.shield(self._loading)
         self._ensure_batcher()
 
+    async def start_or_log(self) -> None:
+        """``start()`` for a server: a failed load is logged, not raised; turns then get
+        ``model_unavailable`` and the status says why, and the bot keeps talking."""
+        try:
+            await self.start()
+        except EmotionError as exc:
+            log.error("emotion model failed to load: %s", exc.message)
+
     async def close(self) -> None:
         """Release what belongs to the running event loop; the model stays loaded, so the
         engine can serve again from another loop (the benchmark's levels do)."""
@@ -303,8 +311,18 @@ class EmotionEngine:
         clips = clips_for(wave, plan, embeddings)
         with self._span("emotion.inference", clips=len(clips), audio_seconds=round(len(wave) / SAMPLE_RATE_HZ, 3)):
             left = deadline - time.monotonic()
-            jobs = asyncio.gather(*(batcher.submit(c, timeout_s=left) for c in clips))
-            outputs = await self._stage(jobs, deadline, "running inference")
+            futures: list[asyncio.Future] = []
+            try:
+                for clip in clips:
+                    futures.append(batcher.submit(clip, timeout_s=left))
+            except Overloaded:
+                for future in futures:  # queued already: the batcher skips what is cancelled
+                    future.cancel()
+                raise
+            job = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+            outputs = await self._stage(job, deadline, "running inference")
+            if len(futures) == 1:
+                outputs = [outputs]
         result = assemble(plan, outputs, self.model.head, embeddings=embeddings)
         result.timings_ms["inference"] = (time.perf_counter() - started) * 1000
         return result

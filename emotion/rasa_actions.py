@@ -136,15 +136,7 @@ class EmotionPlugin:
                 log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
                 raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
         else:
-            app.add_task(self._load_in_background(engine), name="emotion_load")
-
-    @staticmethod
-    async def _load_in_background(engine: EmotionEngine) -> None:
-        try:
-            await engine.start()
-        except EmotionError as exc:
-            # Turns get emotion_error and /ready says why; the bot keeps talking.
-            log.error("emotion model failed to load: %s", exc.message)
+            app.add_task(engine.start_or_log(), name="emotion_load")
 
     async def _after_stop(self, app, _loop) -> None:
         if self._engine is not None:

@@ -44,7 +44,11 @@ def submit_all(run_batch, items, *, return_exceptions=False, **options):
 
     async def main():
         b = MicroBatcher(run_batch, **options)
-        out = await asyncio.gather(*(b.submit(i) for i in items), return_exceptions=return_exceptions)
+
+        async def one(item):  # a full queue refuses in submit() itself
+            return await b.submit(item)
+
+        out = await asyncio.gather(*(one(i) for i in items), return_exceptions=return_exceptions)
         await b.close()
         return out, b
 
@@ -66,9 +70,9 @@ def test_max_wait_closes_a_partial_batch():
     async def main():
         b = MicroBatcher(rec, max_batch_size=64, max_wait_ms=30)
         started = time.monotonic()
-        first = asyncio.create_task(b.submit("a"))
+        first = b.submit("a")
         await asyncio.sleep(0.005)
-        second = asyncio.create_task(b.submit("b"))
+        second = b.submit("b")
         results = await asyncio.gather(first, second)
         waited = time.monotonic() - started
         await asyncio.sleep(0.06)
@@ -116,9 +120,9 @@ def test_items_that_waited_too_long_are_answered_before_inference():
 
     async def main():
         b = MicroBatcher(rec, max_batch_size=1, max_wait_ms=0)
-        first = asyncio.create_task(b.submit("slow"))
+        first = b.submit("slow")
         await asyncio.sleep(0.01)
-        second = asyncio.create_task(b.submit("late", timeout_s=0.05))
+        second = b.submit("late", timeout_s=0.05)
         out = await asyncio.gather(first, second, return_exceptions=True)
         await b.close()
         return out
@@ -178,7 +182,7 @@ def test_close_answers_items_already_taken_off_the_queue():
 
     async def main():
         b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=200)
-        waiting = [asyncio.create_task(b.submit(i)) for i in range(3)]
+        waiting = [b.submit(i) for i in range(3)]
         await asyncio.sleep(0.05)  # taken off the queue, the batch still open for more
         assert b.depth == 0
         await b.close()
@@ -195,7 +199,7 @@ def test_items_arriving_while_a_batch_runs_go_next_without_a_timer_wait():
     async def main():
         b = MicroBatcher(rec, max_batch_size=2, max_wait_ms=2000)
         started = time.monotonic()
-        first = [asyncio.create_task(b.submit(i)) for i in ("a", "b")]  # a full batch: runs at once
+        first = [b.submit(i) for i in ("a", "b")]  # a full batch: runs at once
         await asyncio.sleep(0.03)
         late = await b.submit("c")  # arrives while [a, b] runs
         elapsed = time.monotonic() - started

@@ -380,6 +380,29 @@ def test_past_max_queue_a_turn_is_refused_before_its_audio_is_decoded(tiny_model
     assert all(r.emotion for r in results) and after.emotion and engine._turns == 0
 
 
+def test_a_turn_whose_windows_overflow_the_queue_is_refused_whole(tiny_model):
+    """Five 1 s windows into a queue of three clips: the turn is refused, the windows
+    already queued never reach the model, and the next turn is served."""
+    from emotion.errors import Overloaded
+
+    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_queue=3,
+                                        window_seconds=1.0, segment_seconds=1.0, segment_hop_seconds=0.5)).load()
+    real, ran = engine.model.forward, []
+    engine.model.forward = lambda waves, **kwargs: ran.append(len(waves)) or real(waves, **kwargs)
+
+    async def main():
+        with pytest.raises(Overloaded, match="3 clips already waiting"):
+            await engine.analyze_wave(speech_like(5.0))
+        await asyncio.sleep(0.1)
+        refused_ran = list(ran)
+        after = await engine.analyze_wave(speech_like(2.0))
+        await engine.close()
+        return refused_ran, after
+
+    refused_ran, after = asyncio.run(main())
+    assert refused_ran == [] and after.emotion and ran and engine._turns == 0
+
+
 def test_a_turn_that_would_finish_past_its_deadline_is_refused_at_once(tiny_model):
     """At the recent inference rate (here 5 clips/s), turns beyond what can finish within
     EMOTION_TURN_TIMEOUT_S are answered `overloaded` on arrival, not with a timeout later."""

@@ -6,6 +6,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from test_action_server import (  # noqa: F401  (collected here again, on this m
 )
 from test_api import test_frames_with_embeddings, test_multipart_upload  # noqa: F401  (again, through the engine process)
 
+from emotion import engine_process
 from emotion.engine_process import _Channel
 
 SERVER_ENV = {"ACTION_SERVER_SANIC_WORKERS": "2"}
@@ -38,18 +40,43 @@ def server(angry_server):
     return angry_server
 
 
+class Transport:
+    """A sending end's transport that keeps what it is given, on a real socket (for its
+    options)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.ends = socket.socketpair()
+
+    def get_extra_info(self, name):
+        return {"socket": self.ends[0]}[name]
+
+    def write(self, data):
+        self.written.append(bytes(data))
+
+    def is_closing(self):
+        return False
+
+    def close(self):
+        for end in self.ends:
+            end.close()
+
+
+def test_a_capped_socket_buffer_is_named_with_its_fix(monkeypatch, caplog):
+    cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    monkeypatch.setattr(engine_process, "_SOCKET_BUFFER_BYTES", 4 * cap)  # Linux grants twice the cap at most
+    engine_process._warn_small_socket_buffer.cache_clear()
+    transport = Transport()
+    _Channel(lambda m: None, lambda: None).connection_made(transport)
+    transport.close()
+    assert f"sysctl -w net.core.wmem_max={4 * cap}" in caplog.text and "capped by net.core.wmem_max" in caplog.text
+
+
 def test_the_channel_frames_messages_however_the_bytes_arrive():
     """The servers' tests send every message through a real socket; here the bytes the
     sender writes are fed to the receiver in chunks of 1 to 100 bytes, which no socket
     can be made to do on purpose."""
-    written = []
-
-    class Transport:  # the sending end's transport: keeps what it is given
-        def write(self, data):
-            written.append(bytes(data))
-
-        def is_closing(self):
-            return False
+    transport = Transport()
 
     messages = [
         (1, "status", ()),
@@ -58,10 +85,11 @@ def test_the_channel_frames_messages_however_the_bytes_arrive():
         (4, "analyze", (np.linspace(-1, 1, 16_001, dtype=np.float32), "frame", True, 0.25)),
     ]
     sender = _Channel(lambda m: None, lambda: None)
-    sender.connection_made(Transport())
+    sender.connection_made(transport)
+    transport.close()
     for m in messages:
         sender.send(m)
-    stream, got = b"".join(written), []
+    stream, got = b"".join(transport.written), []
     receiver = _Channel(got.append, lambda: None)
     pos = 0
     for step in itertools.cycle([1, 7, 100, 3]):

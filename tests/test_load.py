@@ -1,6 +1,7 @@
 """The load test (bench/load_test.py) in a small size: hostile and good turns mixed, over HTTP."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -22,3 +23,12 @@ def test_the_engine_loop_cost_probe_batches_what_it_measures():
     assert proc.returncode == 0, proc.stderr[-2000:]
     means = [float(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("event-loop CPU")]
     assert len(means) == 3 and all(1 < m <= 16 for m in means), proc.stdout
+
+
+def test_the_engine_loop_cost_probe_through_an_engine_process():
+    proc = subprocess.run([sys.executable, "bench/loop_cost.py", "--batch", "16", "--turns", "100", "--workers", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rounds = re.findall(r"engine-process event-loop CPU ([0-9.]+) ms a turn, a worker's ([0-9.]+), ([0-9]+) turns/s from 2 workers",
+                        proc.stdout)
+    assert len(rounds) == 3 and all(float(engine) > 0 and float(worker) > 0 for engine, worker, _ in rounds), proc.stdout
