@@ -57,6 +57,7 @@ async def _calls(engine: EmotionEngine, turns: int, waves: list[np.ndarray]) -> 
 
 def _worker(path: str, turns: int, socket_buffer: int, started, done) -> None:
     engine_process._SOCKET_BUFFER_BYTES = socket_buffer
+
     async def main() -> None:
         client = EngineClient(EngineConfig(), path)
         await client.start()

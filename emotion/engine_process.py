@@ -259,8 +259,9 @@ class _Channel(asyncio.BufferedProtocol):
         # 2 cores (bench/loop_cost.py --workers 2). Linux caps it at net.core.wmem_max.
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _SOCKET_BUFFER_BYTES:
-            _warn_small_socket_buffer(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        if granted < _SOCKET_BUFFER_BYTES:
+            _warn_small_socket_buffer(granted)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
