@@ -67,8 +67,7 @@ class EmotionEngine:
             raise
         if self.config.warmup:
             self._warmup()
-        if self._fetcher is None:  # here, not in the first URL turn: it blocks the event loop ~50 ms
-            self._fetcher = AudioFetcher(self.config)
+        self._build_fetcher()
         if self.freeze_heap:
             # torch, FunASR and the model leave ~500k objects that live as long as the process,
             # and a full collection walks them all while holding the GIL: 0.4 s on a 2-core
@@ -96,6 +95,13 @@ class EmotionEngine:
             await self.start()
         except EmotionError as exc:
             log.error("emotion model failed to load: %s", exc.message)
+
+    def _build_fetcher(self) -> None:
+        # Built while loading, off the loop: building it (an SSL context) blocks ~50 ms. A
+        # URL turn that arrives first builds its own; the spare has no connection to leak.
+        fetcher = AudioFetcher(self.config)
+        if self._fetcher is None:
+            self._fetcher = fetcher
 
     async def close(self) -> None:
         """Release what belongs to the running event loop; the model stays loaded, so the
@@ -230,7 +236,7 @@ class EmotionEngine:
         """Fetch, decode and analyse one turn's audio."""
         deadline = time.monotonic() + self.config.turn_timeout_s
         if self._fetcher is None:
-            self._fetcher = AudioFetcher(self.config)
+            self._build_fetcher()
         with self._admitted():
             started = time.perf_counter()
             data = await self._stage(self._fetcher.fetch(ref), deadline, "fetching the audio", self.config.fetch_timeout_s * 2)

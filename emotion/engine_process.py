@@ -31,7 +31,6 @@ from emotion import metrics
 from emotion.config import SAMPLE_RATE_HZ, EngineConfig
 from emotion.engine import EmotionEngine, EmotionResult
 from emotion.errors import EmotionError, InferenceFailed, ModelUnavailable, first_line
-from emotion.sources import AudioFetcher
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +126,7 @@ class EngineClient(EmotionEngine):
         if self._link is None:
             self._loop_thread = threading.get_ident()
             self._link = asyncio.ensure_future(self._keep_linked())
-            # Built now and off the loop, not in the first URL turn: see EmotionEngine.load.
-            fetcher = await asyncio.to_thread(AudioFetcher, self.config)
-            self._fetcher = self._fetcher or fetcher
+            await asyncio.to_thread(self._build_fetcher)
             if self.freeze_heap:  # a worker's imports live as long as it: see EmotionEngine.load
                 gc.collect()
                 gc.freeze()

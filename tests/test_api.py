@@ -162,8 +162,10 @@ def test_the_api_result_is_what_rasa_takes_as_metadata(server):
     assert slots["emotion_scores"] == {k: round(v, 4) for k, v in body["scores"].items()}
 
 
-def test_predict_alias_and_the_token(start_action_server, tiny_model):
-    srv = start_action_server({"EMOTION_MODEL": str(tiny_model), "EMOTION_API_TOKEN": "s3cret"})
+def test_a_locked_down_server_the_token_the_predict_alias_and_no_metrics(start_action_server, tiny_model):
+    srv = start_action_server({"EMOTION_MODEL": str(tiny_model), "EMOTION_API_TOKEN": "s3cret", "EMOTION_METRICS": "false"})
+    assert httpx.get(srv.url + "/metrics").status_code == 404
+    assert httpx.get(srv.url + "/ready").status_code == 200
     files = {"file": ("call.wav", wav_bytes(1.0), "audio/wav")}
     refused = httpx.post(srv.url + "/predict", files=files)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"

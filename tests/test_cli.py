@@ -15,6 +15,14 @@ def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "emotion", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(capsys, *args):
+    """The CLI in this process (no subprocess needed to test its outputs)."""
+    from emotion.cli import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
@@ -26,12 +34,12 @@ def files(tmp_path_factory):
     return d
 
 
-def test_analyze_json_one_line_per_input_and_nonzero_exit_on_failure(files, models):
+def test_analyze_json_one_line_per_input_and_nonzero_exit_on_failure(files, models, capsys):
     model = models("angry90", angry=0.9)
-    proc = cli("analyze", files / "a.wav", files / "bad.wav", files / "b.flac", files / "c.mp3", files / "missing.wav",
-               "--model", model, "--json")
-    assert proc.returncode == 1
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    code, out = run_main(capsys, "analyze", files / "a.wav", files / "bad.wav", files / "b.flac", files / "c.mp3",
+                         files / "missing.wav", "--model", model, "--json")
+    assert code == 1
+    lines = [json.loads(line) for line in out.splitlines()]
     assert [line["file"] for line in lines] == [str(files / n) for n in ("a.wav", "bad.wav", "b.flac", "c.mp3", "missing.wav")]
     for good in (lines[0], lines[2], lines[3]):
         assert good["emotion"] == "angry" and good["confidence"] == pytest.approx(0.9, abs=1e-5)
@@ -41,22 +49,24 @@ def test_analyze_json_one_line_per_input_and_nonzero_exit_on_failure(files, mode
 
 
 def test_analyze_text_output_and_success_exit(files, models):
+    """Through ``python -m emotion`` itself: its exit status is the process's."""
     proc = cli("analyze", files / "a.wav", "--model", models("angry90", angry=0.9))
     assert proc.returncode == 0
     assert proc.stdout.startswith(f"{files / 'a.wav'}: angry 0.90")
 
 
-def test_analyze_headerless_telephony(files, models):
-    proc = cli("analyze", files / "phone.ulaw", "--encoding", "mulaw", "--sample-rate", "8000", "--model", models("angry90", angry=0.9), "--json")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["duration_s"] == pytest.approx(2.0, abs=0.01)
+def test_analyze_headerless_telephony(files, models, capsys):
+    code, out = run_main(capsys, "analyze", files / "phone.ulaw", "--encoding", "mulaw", "--sample-rate", "8000",
+                         "--model", models("angry90", angry=0.9), "--json")
+    assert code == 0 and json.loads(out)["duration_s"] == pytest.approx(2.0, abs=0.01)
 
 
 @pytest.mark.parametrize("granularity", ["frame", "segment"])
-def test_analyze_granularity_and_plot(files, tiny_model, tmp_path, granularity):
+def test_analyze_granularity_and_plot(files, tiny_model, tmp_path, granularity, capsys):
     png = tmp_path / "timeline.png"
-    proc = cli("analyze", files / "b.flac", "--model", tiny_model, "--granularity", granularity, "--json", "--plot", png)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    code, text = run_main(capsys, "analyze", files / "b.flac", "--model", tiny_model, "--granularity", granularity, "--json", "--plot", png)
+    assert code == 0
+    out = json.loads(text)
     segments = out["segments"]
     if granularity == "frame":
         assert len(segments) == 174 and segments[1]["start_s"] == pytest.approx(0.02)
@@ -65,10 +75,10 @@ def test_analyze_granularity_and_plot(files, tiny_model, tmp_path, granularity):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
-def test_make_checkpoint_with_a_fixed_head(tmp_path, files):
-    assert cli("make-checkpoint", tmp_path / "m", "--head", "sad=0.8").returncode == 0
+def test_make_checkpoint_with_a_fixed_head(tmp_path, files, capsys):
+    assert run_main(capsys, "make-checkpoint", tmp_path / "m", "--head", "sad=0.8")[0] == 0
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.yaml", "model.pt", "tokens.txt"]
-    out = json.loads(cli("analyze", files / "a.wav", "--model", tmp_path / "m", "--json").stdout)
+    out = json.loads(run_main(capsys, "analyze", files / "a.wav", "--model", tmp_path / "m", "--json")[1])
     assert out["emotion"] == "sad" and out["confidence"] == pytest.approx(0.8, abs=1e-5)
 
 
@@ -111,14 +121,6 @@ def test_the_benchmark_sums_server_cpu_over_workers_and_the_engine_process():
         assert set(cpu) == {"process", "event_loop", "decode", "inference", "engine_process", "engine_event_loop"}, cpu
         # The workers hold no model: inference is the engine process's, and most of its CPU.
         assert cpu["engine_process"] > cpu["inference"] > 0 and cpu["engine_process"] > cpu["process"] >= cpu["event_loop"] > 0, cpu
-
-
-def run_main(capsys, *args):
-    """The CLI in this process (no subprocess needed to test its outputs)."""
-    from emotion.cli import main
-
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().out
 
 
 def test_csv_and_npy_exports_match_the_json(files, models, tmp_path, capsys):
