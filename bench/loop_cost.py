@@ -5,7 +5,7 @@ stays however fast the GPU is. 50 callers send mixed 1-15 s turns; prints CPU ms
     python bench/loop_cost.py --batch 64               # the engine in this process
     python bench/loop_cost.py --batch 64 --workers 2   # an engine process, 2 worker processes
 
-With ``--workers`` the turns cross the engine process's socket as a Sanic worker sends
+With ``--workers`` the turns reach the engine process as a Sanic worker sends
 them, and the engine process's loop (receiving every worker's turns) is the figure: its
 turns a second at 1 ms of loop a turn is 1,000, whatever the GPU does.
 """
@@ -39,9 +39,8 @@ def _free_inference(engine: EmotionEngine) -> EmotionEngine:
     return engine
 
 
-def _serve(path: str, socket_buffer: int) -> None:
+def _serve(path: str) -> None:
     """The engine process, as the action server starts it, with inference made free."""
-    engine_process._SOCKET_BUFFER_BYTES = socket_buffer
     load = EmotionEngine.load
     EmotionEngine.load = lambda self: _free_inference(load(self))
     engine_process.serve(path)
@@ -55,9 +54,7 @@ async def _calls(engine: EmotionEngine, turns: int, waves: list[np.ndarray]) -> 
     await asyncio.gather(*(caller(k) for k in range(CALLERS)))
 
 
-def _worker(path: str, turns: int, socket_buffer: int, started, done) -> None:
-    engine_process._SOCKET_BUFFER_BYTES = socket_buffer
-
+def _worker(path: str, turns: int, started, done) -> None:
     async def main() -> None:
         client = EngineClient(EngineConfig(), path)
         await client.start()
@@ -93,12 +90,12 @@ def through_engine_process(args, checkpoint: str, tmp: str) -> None:
     os.environ.update(EMOTION_MODEL=checkpoint, EMOTION_DEVICE="cpu", EMOTION_WARMUP="0", EMOTION_MAX_BATCH=str(args.batch))
     ctx = multiprocessing.get_context("spawn")
     path = os.path.join(tmp, "engine.sock")
-    engine = ctx.Process(target=_serve, args=(path, args.socket_buffer), daemon=True)
+    engine = ctx.Process(target=_serve, args=(path,), daemon=True)
     engine.start()
     try:
         for _ in range(3):
             started, done = ctx.Event(), ctx.Queue()
-            workers = [ctx.Process(target=_worker, args=(path, args.turns, args.socket_buffer, started, done)) for _ in range(args.workers)]
+            workers = [ctx.Process(target=_worker, args=(path, args.turns, started, done)) for _ in range(args.workers)]
             for w in workers:
                 w.start()
             assert [done.get(timeout=300) for _ in workers] == ["ready"] * len(workers)
@@ -132,8 +129,6 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=64, help="EMOTION_MAX_BATCH")
     parser.add_argument("--turns", type=int, default=2000, help="per round (per worker with --workers)")
     parser.add_argument("--workers", type=int, default=0, help="worker processes sending to an engine process")
-    parser.add_argument("--socket-buffer", type=int, default=engine_process._SOCKET_BUFFER_BYTES,
-                        help="SO_SNDBUF the channel asks for (Linux doubles it, capped at net.core.wmem_max)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = str(write_checkpoint(os.path.join(tmp, "model"), size="tiny"))

@@ -2,9 +2,9 @@
 
 With several Sanic workers (``ACTION_SERVER_SANIC_WORKERS``) each would load its own copy
 of the model onto the one GPU and batch only its own turns; in a single process HTTP,
-JSON, decoding and inference share one GIL. Here the workers fetch and decode, and send
-the decoded wave over a Unix socket to the one process that holds the model and batches
-the turns of all of them.
+JSON, decoding and inference share one GIL. Here the workers fetch and decode, write the
+decoded wave into memory they share with the one process that holds the model, and tell
+it over a Unix socket where to read it; that process batches the turns of all of them.
 
 The socket carries pickles, so it lives in a directory only this user can enter: the
 action server's own processes are the only ones that can connect.
@@ -17,6 +17,7 @@ import functools
 import gc
 import itertools
 import logging
+import mmap
 import os
 import pickle
 import signal
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("!Q")
 _ALIGN = 16
 _SOCKET_BUFFER_BYTES = 4 << 20
+# A worker's waves in flight, written where the engine process reads them: ~17 min of
+# 16 kHz audio; a turn that finds no room crosses the socket instead.
+_SHARED_BYTES = 64 << 20
 ENGINE_SOCKET_ENV = "_EMOTION_ENGINE_SOCKET"  # set by the main process for its workers
 CONNECT_PATIENCE_S = 120.0  # for the engine process to start and bind (importing torch)
 
@@ -70,18 +74,36 @@ async def _serve(path: str) -> None:
 def _serving(engine: EmotionEngine) -> _Channel:
     """One worker's connection: each request answered in its own task, in any order."""
     answering: set[asyncio.Task] = set()
+    shared: list[np.ndarray] = []  # the worker's wave memory, once it has offered it
 
     def received(message) -> None:
-        task = asyncio.ensure_future(_answer(engine, channel, *message))
+        rid, op, args = message
+        if op == "share":
+            channel.send((rid, *_map_shared(shared, *args)))
+            return
+        if op == "analyze" and isinstance(args[0], tuple):  # (offset, samples) in the shared memory
+            offset, samples = args[0]
+            args = (shared[0][offset : offset + samples], *args[1:])
+        task = asyncio.ensure_future(_answer(engine, channel, rid, op, args))
         answering.add(task)
         task.add_done_callback(answering.discard)
 
     def lost() -> None:  # the worker has gone: its turns have no one to answer
         for task in list(answering):
             task.cancel()
+        shared.clear()  # its memory is freed once the last turn reading it is done
 
     channel = _Channel(received, lost)
     return channel
+
+
+def _map_shared(shared: list, pid: int, fd: int, size: int) -> tuple:
+    try:  # the worker's memfd, opened as its owner (same user) can through /proc
+        with open(f"/proc/{pid}/fd/{fd}", "r+b") as f:
+            shared[:] = [np.frombuffer(mmap.mmap(f.fileno(), size), np.float32)]
+    except (OSError, ValueError) as exc:
+        return None, InferenceFailed(f"cannot map the worker's shared memory: {first_line(exc)}")
+    return True, None
 
 
 async def _answer(engine: EmotionEngine, channel: _Channel, rid: int, op: str, args: tuple) -> None:
@@ -118,6 +140,8 @@ class EngineClient(EmotionEngine):
         self._replies: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
         self._remote: dict = {}
+        self._shared: _SharedWaves | None = None
+        self._lent: dict[int, int] = {}  # request id -> offset of its wave in the shared memory
 
     def load(self) -> EngineClient:
         raise ModelUnavailable("a Sanic worker never loads the model: the engine process does")
@@ -125,6 +149,7 @@ class EngineClient(EmotionEngine):
     async def start(self) -> None:
         if self._link is None:
             self._loop_thread = threading.get_ident()
+            self._shared = _SharedWaves.create()  # before the link, which offers it
             self._link = asyncio.ensure_future(self._keep_linked())
             await asyncio.to_thread(self._build_fetcher)
             if self.freeze_heap:  # a worker's imports live as long as it: see EmotionEngine.load
@@ -148,6 +173,7 @@ class EngineClient(EmotionEngine):
                 await asyncio.sleep(0.25)
                 continue
             self._channel, self._remote = channel, {}  # a restarted process is loading again
+            await self._share()
             ready = asyncio.ensure_future(self._await_ready())
             await lost  # until the engine process goes away
             ready.cancel()
@@ -159,9 +185,21 @@ class EngineClient(EmotionEngine):
                 if not future.done():
                     future.set_exception(ModelUnavailable(self.error))
             self._replies.clear()
+            if self._shared is not None:  # nothing reads it now
+                self._shared.used.clear()
+                self._shared.ready = False
+            self._lent.clear()
             if self.on_lost is not None:
                 self.on_lost()
             give_up = time.monotonic()
+
+    async def _share(self) -> None:
+        if self._shared is None:
+            return
+        try:
+            self._shared.ready = await asyncio.wait_for(self._call("share", os.getpid(), self._shared.fd, self._shared.size), 10.0)
+        except (EmotionError, asyncio.TimeoutError) as exc:  # turns cross the socket instead
+            log.warning("emotion: waves go through the engine socket: %s", getattr(exc, "message", "no answer"))
 
     async def _await_ready(self) -> None:
         while not (self._remote.get("ready") or self._remote.get("error")):
@@ -173,6 +211,11 @@ class EngineClient(EmotionEngine):
 
     def _replied(self, message) -> None:
         rid, value, error = message
+        offset = self._lent.pop(rid, None)
+        if offset is not None and self._shared is not None:
+            # The engine process answers once inference has read the wave. Only a turn it
+            # gave up on may still be read as this is rewritten: its result goes to no one.
+            self._shared.release(offset)
         future = self._replies.pop(rid, None)
         if future is None or future.done():
             return  # its turn gave up waiting
@@ -186,7 +229,9 @@ class EngineClient(EmotionEngine):
             self._link.cancel()
         if self._channel is not None:
             self._channel.close()
-        self._link = self._channel = None
+        if self._shared is not None:
+            self._shared.close()
+        self._link = self._channel = self._shared = None
         await super().close()
 
     async def _call(self, op: str, *args):
@@ -195,6 +240,12 @@ class EngineClient(EmotionEngine):
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._replies[rid] = future
+        if op == "analyze" and self._shared is not None and self._shared.ready:
+            wave = args[0]
+            offset = self._shared.put(wave)
+            if offset is not None:  # else it crosses the socket
+                self._lent[rid] = offset
+                args = ((offset // 4, len(wave)), *args[1:])
         self._channel.send((rid, op, args))
         try:
             return await future
@@ -234,6 +285,50 @@ class EngineClient(EmotionEngine):
         return list(self._remote.get("labels") or super().labels)
 
 
+class _SharedWaves:
+    """A worker's memory for the waves it sends, mapped by the engine process once: a turn
+    crosses the socket as an offset, and neither side copies it through the kernel (nor
+    needs net.core.wmem_max raised). A memfd, not /dev/shm, which Docker gives 64 MB by default."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size, self.ready = fd, size, False
+        self.array = np.frombuffer(mmap.mmap(fd, size), np.float32)
+        self.used: list[tuple[int, int]] = []  # (start, end) byte ranges in flight, in order
+
+    @classmethod
+    def create(cls, size: int | None = None) -> _SharedWaves | None:
+        size = size or _SHARED_BYTES
+        try:
+            fd = os.memfd_create("emotion-waves", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)  # pages come as they are first written
+            return cls(fd, size)
+        except (AttributeError, OSError) as exc:  # not Linux: the socket carries the waves
+            log.info("emotion: no shared memory for waves (%s); they cross the engine socket", first_line(exc))
+            return None
+
+    def put(self, wave: np.ndarray) -> int | None:
+        """Copies the wave into the first gap that holds it: its byte offset, or None if full."""
+        need = len(wave) * 4
+        starts = [0, *(end + (-end % _ALIGN) for _, end in self.used)]
+        ends = [begin for begin, _ in self.used] + [self.size]
+        for at, (start, end) in enumerate(zip(starts, ends)):
+            if end - start >= need:
+                self.used.insert(at, (start, start + need))
+                self.array[start // 4 : start // 4 + len(wave)] = wave
+                return start
+        return None
+
+    def release(self, offset: int) -> None:
+        for i, (begin, _) in enumerate(self.used):
+            if begin == offset:
+                del self.used[i]
+                return
+
+    def close(self) -> None:
+        self.ready, self.array = False, None  # the mapping goes with its last view
+        os.close(self.fd)
+
+
 class _Channel(asyncio.BufferedProtocol):
     """Messages over a Unix socket: pickles (protocol 5) whose numpy arrays travel out of
     band. The kernel reads each message straight into one buffer and the arrays received
@@ -250,15 +345,9 @@ class _Channel(asyncio.BufferedProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        # A turn crosses in one or two writes instead of a ping-pong of 208 KB pieces (the
-        # usual default) between the two processes: with 4 MB, mixed 1-15 s turns cost the
-        # engine's loop 0.6 ms instead of 0.8 and a worker's 0.7-1.0 instead of 1.7-2.5 on
-        # 2 cores (bench/loop_cost.py --workers 2). Linux caps it at net.core.wmem_max.
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        if granted < _SOCKET_BUFFER_BYTES:
-            _warn_small_socket_buffer(granted)
+        # What still crosses here large (frame embeddings, a wave without shared memory) goes
+        # in one or two writes, not a ping-pong of 208 KB pieces, where net.core.wmem_max allows.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
@@ -297,12 +386,6 @@ class _Channel(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-
-@functools.cache  # once a process
-def _warn_small_socket_buffer(size: int) -> None:
-    log.warning("the engine socket's send buffer is %d KB, capped by net.core.wmem_max: turns cross in pieces and cost "
-                "every event loop more; `sysctl -w net.core.wmem_max=%d` on the host lifts the cap", size // 1024, _SOCKET_BUFFER_BYTES)
 
 
 def _settle(future: asyncio.Future) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import b64, rasa_call, slot_events, wav_bytes
+from conftest import b64, rasa_call, slot_events, speech_like, wav_bytes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_action_server import (  # noqa: F401  (collected here again, on this module's server)
     post,
     run_server_to_exit,
@@ -30,7 +32,9 @@ from test_action_server import (  # noqa: F401  (collected here again, on this m
 from test_api import test_frames_with_embeddings, test_multipart_upload  # noqa: F401  (again, through the engine process)
 
 from emotion import engine_process
-from emotion.engine_process import _Channel
+from emotion.config import EngineConfig
+from emotion.engine import EmotionEngine
+from emotion.engine_process import EngineClient, _Channel, _SharedWaves
 
 SERVER_ENV = {"ACTION_SERVER_SANIC_WORKERS": "2"}
 
@@ -60,16 +64,6 @@ class Transport:
     def close(self):
         for end in self.ends:
             end.close()
-
-
-def test_a_capped_socket_buffer_is_named_with_its_fix(monkeypatch, caplog):
-    cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
-    monkeypatch.setattr(engine_process, "_SOCKET_BUFFER_BYTES", 4 * cap)  # Linux grants twice the cap at most
-    engine_process._warn_small_socket_buffer.cache_clear()
-    transport = Transport()
-    _Channel(lambda m: None, lambda: None).connection_made(transport)
-    transport.close()
-    assert f"sysctl -w net.core.wmem_max={4 * cap}" in caplog.text and "capped by net.core.wmem_max" in caplog.text
 
 
 def test_the_channel_frames_messages_however_the_bytes_arrive():
@@ -106,6 +100,67 @@ def test_the_channel_frames_messages_however_the_bytes_arrive():
         assert received.dtype == np.float32 and np.array_equal(received, sent)
         assert received.ctypes.data % 16 == 0  # aligned, as torch.from_numpy wants
     assert got[2][1]["scores"].shape == (0,) and np.array_equal(got[2][1]["frames"], np.ones((3, 5)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(1, 700), st.integers(-8, -1)), max_size=60))
+def test_shared_memory_never_hands_out_a_wave_still_in_flight(ops):
+    """Positive: put a wave of that many samples; negative: release the n-th one in flight.
+    Every wave in flight must still read back as written, wherever the others went."""
+    shared = _SharedWaves.create(4096)
+    flight: list[tuple[int, np.ndarray]] = []
+    try:
+        for op in ops:
+            if op < 0:
+                if flight:
+                    shared.release(flight.pop(-op % len(flight))[0])
+                continue
+            wave = np.full(op, len(flight) + 1, np.float32)
+            offset = shared.put(wave)
+            if offset is None:
+                assert flight, "an empty memory refused a wave that fits"
+                continue
+            assert offset % 16 == 0 and offset + wave.nbytes <= shared.size
+            flight.append((offset, wave))
+        for offset, wave in flight:
+            assert np.array_equal(shared.array[offset // 4 : offset // 4 + len(wave)], wave)
+        for offset, _ in flight:
+            shared.release(offset)
+        assert shared.used == []
+    finally:
+        shared.close()
+
+
+def test_waves_cross_in_shared_memory_and_score_as_sent(models, tmp_path, monkeypatch):
+    """An engine process's serving side and a worker's client, over a real Unix socket in
+    this process. The shared memory holds 6 s of audio, so some of the 14 concurrent turns
+    cross in it and the rest through the socket; all score as the engine scores them."""
+    monkeypatch.setattr(engine_process, "_SHARED_BYTES", 6 * 16_000 * 4)
+    placed: list[int | None] = []
+    put = _SharedWaves.put
+    monkeypatch.setattr(_SharedWaves, "put", lambda self, wave: placed.append(put(self, wave)) or placed[-1])
+    engine = EmotionEngine(EngineConfig(model=str(models("random")), device="cpu", max_batch_size=8, warmup=False)).load()
+    waves = [speech_like(1.0 + i % 4, seed=i) for i in range(14)]
+    expected = [r.scores for r in engine.analyze_waves(waves)]
+    path = str(tmp_path / "engine.sock")
+
+    async def main():
+        server = await asyncio.get_running_loop().create_unix_server(lambda: engine_process._serving(engine), path)
+        client = EngineClient(EngineConfig(), path)
+        await client.start()
+        try:
+            for _ in range(2):  # the second round reuses what the first released
+                results = await asyncio.gather(*(client.analyze_wave(w) for w in waves))
+                for result, scores in zip(results, expected):
+                    assert result.scores == pytest.approx(scores, abs=1e-5)
+                assert client._shared.used == [] and client._lent == {}
+        finally:
+            await client.close()
+            server.close()
+            await engine.close()
+
+    asyncio.run(main())
+    assert len(placed) == 28 and 2 <= sum(p is not None for p in placed) < 28, placed
 
 
 def descendants(pid: int) -> list[int]:
