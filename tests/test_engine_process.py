@@ -110,12 +110,12 @@ def test_shared_memory_never_hands_out_a_wave_still_in_flight(ops):
     shared = _SharedWaves.create(4096)
     flight: list[tuple[int, np.ndarray]] = []
     try:
-        for op in ops:
+        for i, op in enumerate(ops):
             if op < 0:
                 if flight:
                     shared.release(flight.pop(-op % len(flight))[0])
                 continue
-            wave = np.full(op, len(flight) + 1, np.float32)
+            wave = np.full(op, i + 1, np.float32)  # each wave its own value
             offset = shared.put(wave)
             if offset is None:
                 assert flight, "an empty memory refused a wave that fits"
