@@ -141,7 +141,7 @@ class EngineClient(EmotionEngine):
         self._ids = itertools.count()
         self._remote: dict = {}
         self._shared: _SharedWaves | None = None
-        self._lent: dict[int, int] = {}  # request id -> offset of its wave in the shared memory
+        self._lent: dict[int, int] = {}  # request id -> where its wave starts in the shared memory
 
     def load(self) -> EngineClient:
         raise ModelUnavailable("a Sanic worker never loads the model: the engine process does")
@@ -245,7 +245,7 @@ class EngineClient(EmotionEngine):
             offset = self._shared.put(wave)
             if offset is not None:  # else it crosses the socket
                 self._lent[rid] = offset
-                args = ((offset // 4, len(wave)), *args[1:])
+                args = ((offset, len(wave)), *args[1:])
         self._channel.send((rid, op, args))
         try:
             return await future
@@ -293,7 +293,7 @@ class _SharedWaves:
     def __init__(self, fd: int, size: int) -> None:
         self.fd, self.size, self.ready = fd, size, False
         self.array = np.frombuffer(mmap.mmap(fd, size), np.float32)
-        self.used: list[tuple[int, int]] = []  # (start, end) byte ranges in flight, in order
+        self.used: list[tuple[int, int]] = []  # (start, end) sample ranges in flight, in order
 
     @classmethod
     def create(cls, size: int | None = None) -> _SharedWaves | None:
@@ -307,14 +307,15 @@ class _SharedWaves:
             return None
 
     def put(self, wave: np.ndarray) -> int | None:
-        """Copies the wave into the first gap that holds it: its byte offset, or None if full."""
-        need = len(wave) * 4
-        starts = [0, *(end + (-end % _ALIGN) for _, end in self.used)]
-        ends = [begin for begin, _ in self.used] + [self.size]
+        """Copies the wave into the first gap that holds it: the sample it starts at, or
+        None if full. Each starts 16-byte aligned, as torch.from_numpy wants."""
+        align = _ALIGN // self.array.itemsize
+        starts = [0, *(end + (-end % align) for _, end in self.used)]
+        ends = [begin for begin, _ in self.used] + [len(self.array)]
         for at, (start, end) in enumerate(zip(starts, ends)):
-            if end - start >= need:
-                self.used.insert(at, (start, start + need))
-                self.array[start // 4 : start // 4 + len(wave)] = wave
+            if end - start >= len(wave):
+                self.used.insert(at, (start, start + len(wave)))
+                self.array[start : start + len(wave)] = wave
                 return start
         return None
 

@@ -120,10 +120,10 @@ def test_shared_memory_never_hands_out_a_wave_still_in_flight(ops):
             if offset is None:
                 assert flight, "an empty memory refused a wave that fits"
                 continue
-            assert offset % 16 == 0 and offset + wave.nbytes <= shared.size
+            assert offset * 4 % 16 == 0 and (offset + len(wave)) * 4 <= shared.size
             flight.append((offset, wave))
         for offset, wave in flight:
-            assert np.array_equal(shared.array[offset // 4 : offset // 4 + len(wave)], wave)
+            assert np.array_equal(shared.array[offset : offset + len(wave)], wave)
         for offset, _ in flight:
             shared.release(offset)
         assert shared.used == []
