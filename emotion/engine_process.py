@@ -186,8 +186,7 @@ class EngineClient(EmotionEngine):
                     future.set_exception(ModelUnavailable(self.error))
             self._replies.clear()
             if self._shared is not None:  # nothing reads it now
-                self._shared.used.clear()
-                self._shared.ready = False
+                self._shared.reset()
             self._lent.clear()
             if self.on_lost is not None:
                 self.on_lost()
@@ -324,6 +323,11 @@ class _SharedWaves:
             if begin == offset:
                 del self.used[i]
                 return
+
+    def reset(self) -> None:
+        """Everything free, and unoffered until the next connection maps it again."""
+        self.used.clear()
+        self.ready = False
 
     def close(self) -> None:
         self.ready, self.array = False, None  # the mapping goes with its last view

@@ -131,11 +131,17 @@ def test_shared_memory_never_hands_out_a_wave_still_in_flight(ops):
         shared.close()
 
 
-def test_waves_cross_in_shared_memory_and_score_as_sent(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mappable", [True, False])
+def test_waves_cross_in_shared_memory_and_score_as_sent(models, tmp_path, monkeypatch, caplog, mappable):
     """An engine process's serving side and a worker's client, over a real Unix socket in
     this process. The shared memory holds 6 s of audio, so some of the 14 concurrent turns
-    cross in it and the rest through the socket; all score as the engine scores them."""
+    cross in it and the rest through the socket; all score as the engine scores them. Where
+    the engine process cannot map the worker's memory (a /proc it may not open: pid 0 here),
+    every turn crosses the socket."""
     monkeypatch.setattr(engine_process, "_SHARED_BYTES", 6 * 16_000 * 4)
+    if not mappable:
+        real = engine_process._map_shared
+        monkeypatch.setattr(engine_process, "_map_shared", lambda shared, pid, fd, size: real(shared, 0, fd, size))
     placed: list[int | None] = []
     put = _SharedWaves.put
     monkeypatch.setattr(_SharedWaves, "put", lambda self, wave: placed.append(put(self, wave)) or placed[-1])
@@ -160,7 +166,11 @@ def test_waves_cross_in_shared_memory_and_score_as_sent(models, tmp_path, monkey
             await engine.close()
 
     asyncio.run(main())
-    assert len(placed) == 28 and 2 <= sum(p is not None for p in placed) < 28, placed
+    if mappable:
+        assert len(placed) == 28 and 2 <= sum(p is not None for p in placed) < 28, placed
+    else:
+        assert placed == []
+        assert "waves go through the engine socket: cannot map the worker's shared memory" in caplog.text
 
 
 def descendants(pid: int) -> list[int]:
