@@ -186,11 +186,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def holds_torch(pid: int) -> bool:
+def mapped(pid: int) -> str:
     try:
-        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+        return Path(f"/proc/{pid}/maps").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def holds_torch(pid: int) -> bool:
+    return "libtorch" in mapped(pid)
 
 
 def api_turns(url: str, n: int) -> list[httpx.Response]:
@@ -209,6 +213,7 @@ def test_one_process_holds_the_model_and_every_worker_is_served(server):
     assert [p for p in descendants(server.proc.pid) if holds_torch(p)] == [engine]
     for r in api_turns(server.url, 16):
         assert r.status_code == 200 and r.json()["emotion"] == "angry" and r.json()["confidence"] == pytest.approx(0.9)
+    assert mapped(engine).count("memfd:emotion-waves") == 2  # each worker's wave memory
     cpu = httpx.get(server.url + "/ready").json()["cpu_seconds"]
     assert cpu["inference"] > 0 and cpu["engine_process"] > cpu["inference"] and cpu["event_loop"] > 0
 
@@ -248,6 +253,8 @@ def test_a_lost_engine_process_fails_turns_at_once_and_is_restarted(server):
     # Both workers reconnect: enough turns that each gets some.
     for r in api_turns(server.url, 12):
         assert r.status_code == 200 and r.json()["emotion"] == "angry"
+    restarted = httpx.get(server.url + "/ready").json()["engine_process"]
+    assert mapped(restarted).count("memfd:emotion-waves") == 2  # offered again on reconnecting
 
 
 def test_a_model_that_failed_to_load_in_the_engine_process(start_action_server, tmp_path):
