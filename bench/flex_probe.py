@@ -52,8 +52,12 @@ def first_packed(s, b, h, qi, ki):  # the first packed version: bool gathers and
     return torch.where(same, s + bias, -float("inf"))
 
 
-def engine(s, b, h, qi, ki):  # the engine's now: float weights, a document per filler token
+def float_weights(s, b, h, qi, ki):  # float weights, a document per filler token, positions gathered
     return torch.where(docs[qi] == docs[ki], s + unit[h] * (pos[qi] - pos[ki]).abs() * on[qi] * on[ki], -float("inf"))
+
+
+def engine(s, b, h, qi, ki):  # the engine's now: as above, distances from the indices
+    return torch.where(docs[qi] == docs[ki], s + unit[h] * (qi - ki).abs() * on[qi] * on[ki], -float("inf"))
 
 
 attend = torch.compile(flex_attention, dynamic=False)
@@ -61,7 +65,7 @@ for name, score_mod, block_mask in [
     ("none, block-sparse", None, mask), ("none, dense", None, None), ("document", document, mask),
     ("document + ALiBi", alibi, mask), ("document + ALiBi + bool extra-token test", alibi_bool_gather, mask),
     ("document + filler by index", filler_by_index, mask), ("first packed version", first_packed, mask),
-    ("engine now", engine, mask),
+    ("float weights, positions gathered", float_weights, mask), ("engine now", engine, mask),
 ]:
     attend(q, k, v, score_mod=score_mod, block_mask=block_mask)
     torch.cuda.synchronize()

@@ -196,7 +196,7 @@ class EmotionModel:
         """All clips in one sequence (batch of one), with no padding between them: clips start
         at multiples of the conv stride, so each clip's frames are the frames it gets alone;
         each clip gets its own extra tokens; attention stays within a clip (a document mask)
-        and ALiBi is computed from positions within the clip."""
+        and ALiBi is computed from distances within the clip."""
         pack = plan_pack([len(w) for w in waves], frames=self.frames, stride=self.stride,
                          receptive=self.frames_to_samples(1), extra=self._extra, gap=self._gap, budgets=self.budgets)
         dev = self.device
@@ -218,8 +218,7 @@ class EmotionModel:
         self._frame_keep = None
         rows = torch.cat([enc.extra_tokens[0].to(x.dtype), x[0]])  # the extra tokens, then every frame
         x = rows[send(pack.token_row)][None]
-        packing = Packing(send(pack.doc), send(pack.pos), send((~pack.is_extra).astype(np.float32)),
-                          document_block_mask(pack.doc, dev))
+        packing = Packing(send(pack.doc), send((~pack.is_extra).astype(np.float32)), document_block_mask(pack.doc, dev))
         # FunASR's context encoder and blocks, as its own forward runs them, told where each
         # token belongs in place of a padding mask.
         x = enc.context_encoder(x, packing, None, None)
@@ -277,7 +276,6 @@ class Packing(NamedTuple):
     padding mask."""
 
     doc: torch.Tensor  # its clip; each filler token (rounding a batch up to its budget) alone: -1 - index
-    pos: torch.Tensor  # its frame's position within the clip (float)
     # 1 for a frame, 0 for a clip's extra tokens: no ALiBi bias to or from them. A float, not
     # a bool: gathering bools inside the kernel made it 30 times slower on an H100.
     alibi_on: torch.Tensor
@@ -286,7 +284,7 @@ class Packing(NamedTuple):
 
 class FlexAltAttention(torch.nn.Module):
     """FunASR's AltAttention on a packed sequence: a FlexAttention kernel keeps each token
-    within its clip and adds the clip's ALiBi bias from positions, so nothing of size
+    within its clip and adds the clip's ALiBi bias from token distances, so nothing of size
     tokens^2 is ever written. Without a Packing it is FunASR's own attention, unchanged."""
 
     def __init__(self, attn: torch.nn.Module, alibi_unit: torch.Tensor) -> None:
@@ -299,12 +297,14 @@ class FlexAltAttention(torch.nn.Module):
         if not isinstance(padding_mask, Packing):
             return self.inner(x, padding_mask, alibi_bias)
         a, unit = self.inner, self.alibi_unit
-        doc, pos, on, block_mask = padding_mask
+        doc, on, block_mask = padding_mask
         batch, tokens, dim = x.shape
         q, k, v = a.qkv(x).reshape(batch, tokens, 3, a.num_heads, dim // a.num_heads).permute(2, 0, 3, 1, 4)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            bias = unit[h] * (pos[q_idx] - pos[kv_idx]).abs() * on[q_idx] * on[kv_idx]
+            # A clip's frames are consecutive tokens: their distance in the clip is their
+            # distance in the sequence, and no position need be looked up.
+            bias = unit[h] * (q_idx - kv_idx).abs() * on[q_idx] * on[kv_idx]
             return torch.where(doc[q_idx] == doc[kv_idx], score + bias, -float("inf"))
 
         # q, k and v are in the compute dtype; the kernel adds the fp32 bias to its fp32
@@ -345,7 +345,6 @@ class Pack:
     frame_keep: np.ndarray  # (frames,) bool: the frame belongs to a clip
     token_row: np.ndarray  # (tokens,) which row of [extra tokens; frames] each token takes
     doc: np.ndarray  # (tokens,) int32: the clip, or -1 - index for filler
-    pos: np.ndarray  # (tokens,) float32
     is_extra: np.ndarray  # (tokens,) bool
     frame_tokens: np.ndarray  # the tokens of every clip's frames, clip after clip
     frame_counts: np.ndarray  # frames per clip
@@ -382,14 +381,12 @@ def plan_pack(lengths: list[int], *, frames, stride: int, receptive: int, extra:
     is_extra = within < extra
     filler = n_tokens - len(clip_of)
     token_row = np.where(is_extra, within, extra + np.repeat(first, per_clip) + within - extra)
-    pos = np.where(is_extra, 0, within - extra)
     return Pack(
         samples=samples,
         sample_start=(first * stride).tolist(),
         frame_keep=frame_keep,
         token_row=np.concatenate([token_row, np.zeros(filler, np.int64)]),
         doc=np.concatenate([clip_of, -1 - np.arange(filler)]).astype(np.int32),
-        pos=np.concatenate([pos, np.zeros(filler)]).astype(np.float32),
         is_extra=np.concatenate([is_extra, np.ones(filler, bool)]),
         frame_tokens=np.flatnonzero(~is_extra),
         frame_counts=counts,
