@@ -4,9 +4,9 @@
 # event-loop cost (in process, and through an engine process fed by 8 workers), then
 # `python -m emotion bench` on mixed 1-15 s turns, in-process and open-loop through the
 # action server, then through the action server again with 8 Sanic workers sharing one
-# engine process. Wheels for the other packages may wait in .whl/ (a GPU machine without
-# package index access). Output goes to ${OUT:-bench/out}; BENCH_ARGS replaces the
-# benchmark's arguments.
+# engine process, and last the attention probe (bench/flex_probe.py). Wheels for the
+# other packages may wait in .whl/ (a GPU machine without package index access). Output
+# goes to ${OUT:-bench/out}; BENCH_ARGS replaces the benchmark's arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out}
@@ -33,3 +33,4 @@ python3 -m emotion bench ${WORKERS_BENCH_ARGS:---size large --clips 64 --baselin
 echo "bench (8 workers) exit $?"
 tail -5 "$out/bench-workers.log"
 cat "$out/bench-workers.json"
+python3 bench/flex_probe.py 2>&1 | tee "$out/flex_probe.txt"
