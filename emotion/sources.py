@@ -103,7 +103,9 @@ class AudioFetcher:
             follow_redirects=False,
             cookies=jar,
             trust_env=False,
-            headers={"User-Agent": "rasa-emotion2vec"},
+            # The body is read raw (the byte cap counts what arrives, never what a small
+            # compressed body inflates to), so no compression is invited.
+            headers={"User-Agent": "rasa-emotion2vec", "Accept-Encoding": "identity"},
         )
 
     async def aclose(self) -> None:
@@ -170,6 +172,9 @@ class AudioFetcher:
                         continue
                     if response.status_code != 200:
                         raise FetchFailed(f"audio URL answered HTTP {response.status_code}")
+                    coding = response.headers.get("content-encoding", "identity").strip().lower()
+                    if coding not in ("identity", ""):
+                        raise FetchFailed(f"audio URL sent {coding}-compressed audio, though asked for none")
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > self.max_bytes:
                         raise AudioTooLarge(f"audio URL declares {declared} bytes; the limit is {self.max_bytes}")

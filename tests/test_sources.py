@@ -1,6 +1,7 @@
 """Audio references: metadata parsing, inline base64, files under the root, URLs on loopback."""
 
 import asyncio
+import gzip
 import os
 import time
 
@@ -119,6 +120,9 @@ def test_url_from_an_allowed_loopback_server(http_server):
     assert fetch(AudioRef("url", http_server.url + "/redirect"), **allow) == data
     # No cookie set by one response is sent on the next request.
     assert all("Cookie" not in r["headers"] for r in http_server.requests)
+    # The bytes are read as sent (undecoded, so the byte cap counts what arrives): a server
+    # must not be invited to compress them.
+    assert {r["headers"].get("Accept-Encoding") for r in http_server.requests} == {"identity"}
 
 
 def test_loopback_is_refused_unless_allowed(http_server):
@@ -181,6 +185,9 @@ def test_http_errors_and_timeouts(http_server):
     allow = {"url_allow": ("127.0.0.1",)}
     with pytest.raises(FetchFailed, match="HTTP 404"):
         fetch(AudioRef("url", http_server.url + "/missing"), **allow)
+    http_server.routes["/gz"] = (200, {"Content-Encoding": "gzip"}, gzip.compress(wav_bytes(1.0)))
+    with pytest.raises(FetchFailed, match="sent gzip-compressed audio, though asked for none"):
+        fetch(AudioRef("url", http_server.url + "/gz"), **allow)
     started = time.monotonic()
     with pytest.raises(TimedOut):
         fetch(AudioRef("url", http_server.url + "/slow"), fetch_timeout_s=0.5, **allow)
