@@ -19,18 +19,18 @@ class AlertSender:
     def __init__(self, url: str, *, timeout_s: float = 2.0, retries: int = 2, max_queue: int = 100,
                  backoff_s: float = 0.2, on_outcome=None) -> None:
         self.url = url
-        self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
         self._queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=max_queue)
         self._task: asyncio.Task | None = None
-        self._client: httpx.AsyncClient | None = None
+        # Built now, at startup: building it loads the CA bundle (50-100 ms), which at the
+        # first escalation would hold every conversation's event loop.
+        self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
         self._on_outcome = on_outcome or (lambda outcome: None)  # metrics: sent, failed, dropped
 
     def send(self, payload: dict) -> None:
         """Queue an alert and return at once."""
         if self._task is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False)
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="emotion-alerts")
         try:
             self._queue.put_nowait(payload)
@@ -43,8 +43,8 @@ class AlertSender:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-            await self._client.aclose()
-            self._task = self._client = None
+            self._task = None
+        await self._client.aclose()
 
     async def _loop(self) -> None:
         while True:
