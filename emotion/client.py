@@ -41,11 +41,25 @@ def build_audio(args: argparse.Namespace) -> dict:
 
 
 def send_turn(args: argparse.Namespace) -> int:
+    try:
+        return _send_turn(args)
+    except httpx.TransportError as exc:  # nothing listening there, or no answer in time
+        raise FetchFailed(f"cannot reach {exc.request.url}: {type(exc).__name__}: {exc}") from None
+    except httpx.HTTPStatusError as exc:
+        raise FetchFailed(f"{exc.request.url} answered HTTP {exc.response.status_code}") from None
+
+
+def _send_turn(args: argparse.Namespace) -> int:
     audio, channel = build_audio(args), "rest"
     if args.via == "api":
         headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
         reply = httpx.post(args.api, json={"audio": audio}, headers=headers, timeout=60)
-        result = reply.json()
+        try:
+            result = reply.json()
+        except ValueError:  # another server at that address, or a proxy's error page
+            result = None
+        if not isinstance(result, dict):
+            raise FetchFailed(f"the analysis API answered HTTP {reply.status_code}, not JSON")
         if reply.status_code != 200:
             print(f"analysis API: HTTP {reply.status_code} {json.dumps(result.get('error'), ensure_ascii=False)}")
         metadata = {"emotion": {k: result[k] for k in RESULT_KEYS if k in result} if reply.status_code == 200 else result}

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, encode, speech_like
+from conftest import ROOT, encode, free_port, speech_like
 
 from emotion.config import LABELS
 
@@ -185,3 +185,19 @@ def test_evaluate_gives_the_exact_confusion_matrix_of_a_hand_set_head(models, tm
                           "--map", "angry=ang,happy=hap")
     assert "accuracy: 0.5000   unweighted average recall: 0.3333" in text
     assert text.splitlines()[-3].split() == ["angry", "3", "0", "0"]
+
+
+def test_send_turn_to_servers_that_are_not_there_or_not_rasa(files, http_server, capsys):
+    """A wrong address or port is an error line and exit 2, not a traceback."""
+    from emotion.cli import main
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    http_server.routes["/v1/analyze"] = (502, {"Content-Type": "text/html"}, b"<html>bad gateway</html>")
+    for args, said in [
+        (["--api", closed + "/v1/analyze"], "error [fetch_failed]: cannot reach http://127.0.0.1:"),
+        (["--api", http_server.url + "/v1/analyze"], "error [fetch_failed]: the analysis API answered HTTP 502, not JSON"),
+        (["--via", "metadata", "--rasa", closed], "error [fetch_failed]: cannot reach http://127.0.0.1:"),
+        (["--via", "metadata", "--rasa", http_server.url], "/webhooks/rest/webhook answered HTTP 404"),
+    ]:
+        assert main(["send-turn", str(files / "a.wav"), *args]) == 2
+        assert said in capsys.readouterr().err
