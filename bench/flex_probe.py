@@ -56,12 +56,12 @@ def float_weights(s, b, h, qi, ki):  # float weights, a document per filler toke
     return torch.where(docs[qi] == docs[ki], s + unit[h] * (pos[qi] - pos[ki]).abs() * on[qi] * on[ki], -float("inf"))
 
 
-def engine(s, b, h, qi, ki):  # the engine's now: as above, distances from the indices
-    return torch.where(docs[qi] == docs[ki], s + unit[h] * (qi - ki).abs() * on[qi] * on[ki], -float("inf"))
-
-
-def alibi_only(s, b, h, qi, ki):  # the document test left to the block mask, below
+def alibi_only(s, b, h, qi, ki):  # distances from the indices; the document test left to the block mask, below
     return s + unit[h] * (qi - ki).abs() * on[qi] * on[ki]
+
+
+def engine(s, b, h, qi, ki):  # the engine's now: float weights, distances from the indices
+    return torch.where(docs[qi] == docs[ki], alibi_only(s, b, h, qi, ki), -float("inf"))
 
 
 # The same blocks, the document test as their mask_mod: FlexAttention applies it only in
