@@ -43,6 +43,8 @@ class EmotionAnalyzer:
         self.analyze_url = analyze_url
         self.token = token
         self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_credentials(cls, credentials: dict[str, Any] | None, where: str) -> EmotionAnalyzer:
@@ -54,24 +56,48 @@ class EmotionAnalyzer:
     async def analyze(self, audio: Any) -> dict[str, Any]:
         """The utterance result for an audio reference, or ``{"error": {code, message}}``."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.post(self.analyze_url, json={"audio": audio}, headers=headers) as response:
-                    try:
-                        data = await response.json(content_type=None)
-                    except ValueError:
-                        data = None
-                    if response.status == 200 and isinstance(data, dict):
-                        return {k: data[k] for k in RESULT_KEYS if k in data}
-                    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-                        return {"error": data["error"]}
-                    return _error("analysis_unavailable", f"the analysis API answered HTTP {response.status}")
+            async with self._client().post(self.analyze_url, json={"audio": audio}, headers=headers) as response:
+                try:
+                    data = await response.json(content_type=None)
+                except ValueError:
+                    data = None
+                if response.status == 200 and isinstance(data, dict):
+                    return {k: data[k] for k in RESULT_KEYS if k in data}
+                if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                    return {"error": data["error"]}
+                return _error("analysis_unavailable", f"the analysis API answered HTTP {response.status}")
         except asyncio.TimeoutError:
             return _error("timeout", f"the analysis API did not answer within {self.timeout_s:g} s")
         except aiohttp.ClientError as exc:
             logger.warning("emotion analysis API unreachable at %s: %s", self.analyze_url, exc)
             return _error("analysis_unavailable", f"the analysis API is unreachable: {type(exc).__name__}")
+
+    def _client(self) -> aiohttp.ClientSession:
+        # One session, its connections kept alive: a connection per turn leaves each closed
+        # one in TIME_WAIT for a minute, and a few hundred turns a second then use up the
+        # host's ephemeral ports. No cap on connections: the action server answers overload
+        # itself, at once, where a full pool here would only wait out the timeout.
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._loop = loop
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s), connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def close_with(self, blueprint: Blueprint) -> Blueprint:
+        """Closes the session when the server that serves ``blueprint`` stops."""
+
+        @blueprint.listener("after_server_stop")
+        async def close_analyzer(*_: Any) -> None:
+            await self.close()
+
+        return blueprint
 
 
 class EmotionRestInput(RestInput):
@@ -104,7 +130,7 @@ class EmotionRestInput(RestInput):
                 # The REST channel reads the parsed body: from here on it holds no audio.
                 request.parsed_json = {**body, "metadata": metadata}
 
-        return blueprint
+        return self.analyzer.close_with(blueprint)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

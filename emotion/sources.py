@@ -98,7 +98,7 @@ class AudioFetcher:
         jar = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         timeout = httpx.Timeout(config.fetch_timeout_s, connect=min(3.0, config.fetch_timeout_s))
         self._client = httpx.AsyncClient(
-            transport=_GuardedTransport(self._guard),
+            transport=_GuardedTransport(self._guard, config.max_queue),
             timeout=timeout,
             follow_redirects=False,
             cookies=jar,
@@ -251,7 +251,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
 
 
 class _GuardedTransport(httpx.AsyncHTTPTransport):
-    def __init__(self, guard: _AddressGuard) -> None:
+    def __init__(self, guard: _AddressGuard, max_connections: int) -> None:
         # One TLS context (loading the CA bundle takes tens of ms), given to httpx too.
         ssl_context = httpx.create_ssl_context()
         super().__init__(verify=ssl_context, retries=0)
@@ -259,8 +259,12 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
         # goes through the guard.
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
-            max_connections=100,
-            max_keepalive_connections=20,
+            # Every admitted turn may be fetching at once. httpx's defaults (100 connections,
+            # 20 kept idle) would queue fetches behind a slow storage server and close most
+            # connections after each burst, each closed one holding a local port in TIME_WAIT
+            # for a minute: at a few hundred URL turns a second the ports run out.
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
             keepalive_expiry=5.0,
             network_backend=_GuardedBackend(guard),
         )

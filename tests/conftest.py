@@ -61,6 +61,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ESTABLISHED, TIME_WAIT = "01", "06"  # kernel codes of TCP states (a closed socket waits a minute)
+
+
+def sockets_to(port: int) -> list[str]:
+    """The TCP states of this host's sockets connected to ``port`` (client ends only)."""
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            remote, state = line.split()[2:4]
+            if int(remote.rsplit(":", 1)[1], 16) == port:
+                states.append(state)
+    return states
+
+
 # In Rasa Pro's environment, keep its libraries off the network: LiteLLM would fetch a
 # price list on import, telemetry would phone home.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -221,13 +235,15 @@ def slot_events(body: dict) -> dict:
 class LocalHTTPServer:
     """A real HTTP server on 127.0.0.1 with scripted routes: path -> (status, headers, body)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_alive: bool = False) -> None:
         self.routes: dict[str, tuple] = {}
         self.requests: list[dict] = []
         self.posted: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
                 outer.posted.append({"path": self.path, "body": self.rfile.read(length), "time": time.monotonic()})
@@ -235,7 +251,7 @@ class LocalHTTPServer:
 
             def do_GET(self, record=True):  # noqa: N802
                 if record:
-                    outer.requests.append({"path": self.path, "headers": dict(self.headers)})
+                    outer.requests.append({"path": self.path, "headers": dict(self.headers), "client": self.client_address})
                 status, headers, body = outer.routes.get(self.path.split("?")[0], (404, {}, b"not found"))
                 try:
                     self.send_response(status)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, b64, encode, free_port, speech_like, wav_bytes
+from conftest import ROOT, TIME_WAIT, b64, encode, free_port, sockets_to, speech_like, wav_bytes
 
 RASA_VENV = Path(os.environ.get("RASA_VENV", ROOT / ".rasa-venv"))
 BOT = ROOT / "examples" / "bot"
@@ -155,7 +155,7 @@ def test_voice_client_sends_a_turn(bot, action_server, models, tmp_path):
 def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_server, models):
     action_server(models("angry60", angry=0.6), api=True)
     wav = wav_bytes(5.7)
-    sizes = []
+    sizes, closed_before = [], sockets_to(bot["api_port"]).count(TIME_WAIT)  # the readiness checks'
     for turn in range(20):
         replies = say(bot, "caller-channel", "I want to complain", {"base64": b64(wav)}, channel="emotion_rest")
         assert [r.get("text") for r in replies] == ["I'm sorry to hear that. I'll make this a priority."]
@@ -168,6 +168,8 @@ def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_serv
     assert t["latest_message"]["metadata"]["emotion"]["emotion"] == "angry"
     per_turn = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
     assert per_turn < 5000, f"tracker grew {per_turn:.0f} bytes per turn"
+    # The channel keeps its connection to the API: one per turn would leave 20 more in TIME_WAIT.
+    assert sockets_to(bot["api_port"]).count(TIME_WAIT) - closed_before <= 1
 
 
 def test_an_angry_caller_through_the_channel_is_handed_off(bot, action_server, models):

@@ -6,7 +6,7 @@ import os
 import time
 
 import pytest
-from conftest import b64, wav_bytes
+from conftest import LocalHTTPServer, b64, wav_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -123,6 +123,29 @@ def test_url_from_an_allowed_loopback_server(http_server):
     # The bytes are read as sent (undecoded, so the byte cap counts what arrives): a server
     # must not be invited to compress them.
     assert {r["headers"].get("Accept-Encoding") for r in http_server.requests} == {"identity"}
+
+
+def test_a_burst_of_url_turns_keeps_its_connections_for_the_next():
+    """Storage that answers slowly has every fetch of a burst on its own connection; the
+    next burst must find them all open (one closed per fetch would hold a port a minute)."""
+    server = LocalHTTPServer(keep_alive=True)
+    data = wav_bytes(0.5)
+    server.routes["/slow.wav"] = (200, {"Content-Length": str(len(data))}, lambda w: (time.sleep(0.3), w.write(data)))
+
+    async def two_bursts():
+        fetcher = AudioFetcher(EngineConfig(url_allow=("127.0.0.1",)))
+        try:
+            for _ in range(2):
+                got = await asyncio.gather(*(fetcher.fetch(AudioRef("url", server.url + "/slow.wav")) for _ in range(40)))
+                assert got == [data] * 40
+        finally:
+            await fetcher.aclose()
+
+    try:
+        asyncio.run(two_bursts())
+        assert len(server.requests) == 80 and len({r["client"] for r in server.requests}) == 40
+    finally:
+        server.close()
 
 
 def test_loopback_is_refused_unless_allowed(http_server):

@@ -103,6 +103,9 @@ class EmotionVoiceMixin:
         channel.analyzer, channel.max_turn_s = analyzer, max_turn_s
         return channel
 
+    def conversation_blueprint(self, agent: Any) -> Any:
+        return self.analyzer.close_with(super().conversation_blueprint(agent))
+
     def _turn_audio(self) -> TurnAudio:
         # Rasa Pro keeps per-call state in call_state, one per call's task.
         buffer = call_state.channel_data.get(_BUFFER)

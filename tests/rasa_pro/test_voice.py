@@ -14,11 +14,13 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from urllib.parse import urlsplit
 
 import pytest
 import rasa.core.processor  # noqa: F401  (imports Rasa Pro's modules in the order its server does)
 import soxr
-from conftest import ROOT, ActionServer, encode, free_port, speech_like
+from conftest import ESTABLISHED, ROOT, ActionServer, encode, free_port, sockets_to, speech_like
+from rasa.core.channels.channel import register
 from rasa.core.channels.conversation_queue.queue import InMemoryConversationQueue
 from rasa.core.channels.voice_ready.utils import CallParameters
 from rasa.core.channels.voice_stream import voice_channel
@@ -30,6 +32,7 @@ from rasa.core.voice.event_composition.events.input_events import FinalTranscrip
 from rasa.engine.storage.resource import Resource
 from rasa.shared.core.domain import Domain
 from rasa.shared.nlu.training_data.message import Message
+from sanic import Sanic
 
 CALM = ROOT / "domain_snippets" / "calm"
 sys.path.insert(0, str(CALM))
@@ -135,7 +138,17 @@ class CountingQueue(InMemoryConversationQueue):
             await asyncio.sleep(0.005)
 
 
-async def run_call(channel, turns: list[tuple[float, str]]) -> list[FinalTranscriptInputEvent]:
+def run_call(channel, turns: list[tuple[float, str]]) -> list[FinalTranscriptInputEvent]:
+    async def call_then_stop():
+        try:
+            return await call(channel, turns)
+        finally:
+            await channel.analyzer.close()  # what stopping Rasa's server does (tested below)
+
+    return asyncio.run(call_then_stop())
+
+
+async def call(channel, turns: list[tuple[float, str]]) -> list[FinalTranscriptInputEvent]:
     """One call through Rasa Pro's own audio and recogniser loops."""
     _call_state.set(CallState())
     audio = [mulaw_turn(seconds, seed) for seed, (seconds, _) in enumerate(turns)]
@@ -152,7 +165,7 @@ async def run_call(channel, turns: list[tuple[float, str]]) -> list[FinalTranscr
 def test_each_turn_is_cut_at_the_recognisers_final_and_tagged(analysis_api):
     channel = twilio_channel(analysis_api)
     assert channel.name() == "twilio_media_streams"  # the same webhook paths as Rasa Pro's channel
-    finals = asyncio.run(run_call(channel, [(1.5, "my bill is wrong"), (2.5, "I want a refund now")]))
+    finals = run_call(channel, [(1.5, "my bill is wrong"), (2.5, "I want a refund now")])
     assert [f.text for f in finals] == ["my bill is wrong", "I want a refund now"]
     for final, seconds in zip(finals, (1.5, 2.5)):
         emotion = final.metadata["emotion"]
@@ -163,7 +176,7 @@ def test_each_turn_is_cut_at_the_recognisers_final_and_tagged(analysis_api):
 
 
 def test_the_tagged_voice_turn_hands_off_on_that_turn(analysis_api):
-    finals = asyncio.run(run_call(twilio_channel(analysis_api), [(2.0, "this is the third time I call")]))
+    finals = run_call(twilio_channel(analysis_api), [(2.0, "this is the third time I call")])
     generator = EmotionCommandGenerator.create({"rules": str(CALM.parent / "emotion_rules.yml")}, None, Resource("emotion"), None)
     message = Message(data={"text": finals[0].text, "metadata": finals[0].metadata})
     commands = asyncio.run(generator.predict_commands(message, None, new_tracker(Domain.from_path(CALM / "domain.yml"))))
@@ -171,13 +184,38 @@ def test_the_tagged_voice_turn_hands_off_on_that_turn(analysis_api):
 
 
 def test_long_turns_keep_their_last_seconds(analysis_api):
-    finals = asyncio.run(run_call(twilio_channel(analysis_api, max_turn_s=1), [(3.0, "let me explain everything")]))
+    finals = run_call(twilio_channel(analysis_api, max_turn_s=1), [(3.0, "let me explain everything")])
     assert finals[0].metadata["emotion"]["duration_s"] == pytest.approx(1.0, abs=0.01)
 
 
+def test_a_call_keeps_one_connection_to_the_api_which_closes_when_rasa_stops(analysis_api):
+    """A connection per turn would leave each closed one in TIME_WAIT for a minute: a few
+    hundred turns a second would use up the ephemeral ports."""
+    port = urlsplit(analysis_api).port
+
+    async def serve_one_call():
+        app = Sanic("emotion_voice_test")
+        channel = twilio_channel(analysis_api)
+        register([channel], app, "/webhooks/")  # as Rasa Pro's server registers its channels
+        server = await app.create_server(host="127.0.0.1", port=free_port(), return_asyncio_server=True)
+        await server.startup()
+        await server.before_start()
+        await server.after_start()
+        finals = await call(channel, [(1.0, "hello"), (1.0, "my bill"), (1.0, "is wrong")])
+        during = sockets_to(port)
+        await server.before_stop()
+        server.close()
+        await server.after_stop()
+        return finals, during, sockets_to(port)
+
+    finals, during, after = asyncio.run(serve_one_call())
+    assert [f.metadata["emotion"]["emotion"] for f in finals] == ["angry"] * 3
+    assert during.count(ESTABLISHED) == 1, during  # three turns, one connection
+    assert ESTABLISHED not in after, after
+
+
 def test_with_the_api_down_the_turn_goes_on_with_the_reason(tmp_path):
-    finals = asyncio.run(run_call(twilio_channel(f"http://127.0.0.1:{free_port()}/v1/analyze", timeout_s=2),
-                                  [(1.0, "hello")]))
+    finals = run_call(twilio_channel(f"http://127.0.0.1:{free_port()}/v1/analyze", timeout_s=2), [(1.0, "hello")])
     assert finals[0].text == "hello"
     assert finals[0].metadata["emotion"]["error"]["code"] == "analysis_unavailable"
 
