@@ -5,10 +5,12 @@ events, fed 8 kHz mu-law media frames as Twilio sends them. The analysis runs on
 action server (in the project's main environment) with a checkpoint whose head is set to
 angry 0.9. Mocked, because it cannot run here: Rasa Pro's voice licence check, and the
 recogniser's cloud service (a scripted ASREngine ends each turn after a set number of
-bytes, as an endpointing recogniser would)."""
+bytes, as an endpointing recogniser would). Also EmotionRestInput under Rasa Pro, whose
+agent (a trained bot, which needs the licence) a recording stub stands in for."""
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ import sys
 from dataclasses import asdict
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 import rasa.core.processor  # noqa: F401  (imports Rasa Pro's modules in the order its server does)
 import soxr
@@ -138,6 +141,27 @@ class CountingQueue(InMemoryConversationQueue):
             await asyncio.sleep(0.005)
 
 
+@contextlib.asynccontextmanager
+async def served(channel, agent=None):
+    """``channel`` served as Rasa Pro serves it: registered by Rasa Pro's own ``register``
+    on a Sanic server, whose stop runs the listeners a channel added."""
+    app = Sanic(f"emotion_test_{channel.name()}")
+    app.config.TOUCHUP = False  # Sanic rewrites its handler at a first start; a second app in one process fails
+    app.ctx.agent = agent
+    register([channel], app, "/webhooks/")
+    port = free_port()
+    server = await app.create_server(host="127.0.0.1", port=port, return_asyncio_server=True)
+    await server.startup()
+    await server.before_start()
+    await server.after_start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await server.before_stop()
+        server.close()
+        await server.after_stop()
+
+
 def run_call(channel, turns: list[tuple[float, str]]) -> list[FinalTranscriptInputEvent]:
     async def call_then_stop():
         try:
@@ -194,24 +218,42 @@ def test_a_call_keeps_one_connection_to_the_api_which_closes_when_rasa_stops(ana
     port = urlsplit(analysis_api).port
 
     async def serve_one_call():
-        app = Sanic("emotion_voice_test")
         channel = twilio_channel(analysis_api)
-        register([channel], app, "/webhooks/")  # as Rasa Pro's server registers its channels
-        server = await app.create_server(host="127.0.0.1", port=free_port(), return_asyncio_server=True)
-        await server.startup()
-        await server.before_start()
-        await server.after_start()
-        finals = await call(channel, [(1.0, "hello"), (1.0, "my bill"), (1.0, "is wrong")])
-        during = sockets_to(port)
-        await server.before_stop()
-        server.close()
-        await server.after_stop()
+        async with served(channel):
+            finals = await call(channel, [(1.0, "hello"), (1.0, "my bill"), (1.0, "is wrong")])
+            during = sockets_to(port)
         return finals, during, sockets_to(port)
 
     finals, during, after = asyncio.run(serve_one_call())
     assert [f.metadata["emotion"]["emotion"] for f in finals] == ["angry"] * 3
     assert during.count(ESTABLISHED) == 1, during  # three turns, one connection
     assert ESTABLISHED not in after, after
+
+
+def test_the_rest_channel_tags_messages_in_rasa_pro_too(analysis_api):
+    """EmotionRestInput served by Rasa Pro's own registration on its Sanic; the agent that
+    handles the message stands in for a trained bot (Rasa Pro's server needs a licence)."""
+    received = []
+
+    class Agent:
+        async def handle_message(self, message):
+            received.append(message)
+            await message.output_channel.send_text_message(message.sender_id, "How can I help?")
+
+    async def serve_one_message():
+        wav = encode(speech_like(1.5), 16000, "WAV", "PCM_16")
+        body = {"sender": "c1", "message": "I want a refund",
+                "metadata": {"audio": {"base64": base64.b64encode(wav).decode()}, "call_id": "CA9"}}
+        channel = _create_single_channel("emotion_channel.EmotionRestInput", {"analyze_url": analysis_api})
+        async with served(channel, Agent()) as url, aiohttp.ClientSession() as client:
+            async with client.post(f"{url}/webhooks/emotion_rest/webhook", json=body) as r:
+                return r.status, await r.json()
+
+    assert asyncio.run(serve_one_message()) == (200, [{"recipient_id": "c1", "text": "How can I help?"}])
+    [message] = received
+    assert message.text == "I want a refund" and set(message.metadata) == {"call_id", "emotion"}
+    assert message.metadata["emotion"]["emotion"] == "angry" and message.metadata["emotion"]["confidence"] == pytest.approx(0.9, abs=1e-4)
+    assert len(json.dumps(message.metadata)) < 1000  # the result, not the audio
 
 
 def test_with_the_api_down_the_turn_goes_on_with_the_reason(tmp_path):
