@@ -242,12 +242,22 @@ def _speech(rng, seconds: float) -> np.ndarray:
     return (rng.standard_normal(int(seconds * SAMPLE_RATE_HZ)) * 0.1).astype(np.float32)
 
 
+_FILE_SERVER = """
+import functools, http.server, sys
+# HTTP/1.1, so connections stay open between fetches, as a recordings store's do
+# (python -m http.server speaks 1.0: a new connection, and its setup, for every turn).
+http.server.SimpleHTTPRequestHandler.protocol_version = "HTTP/1.1"
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+"""
+
+
 @contextlib.contextmanager
 def _file_server(directory: str):
     """Python's own static file server in a child process on loopback: the recordings store
     the webhook's URL references point at."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", directory],
+    proc = subprocess.Popen([sys.executable, "-c", _FILE_SERVER, str(port), directory],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(f"http://127.0.0.1:{port}/", proc, 30.0)
