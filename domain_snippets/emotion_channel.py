@@ -77,12 +77,14 @@ class EmotionAnalyzer:
         # One session, its connections kept alive: a connection per turn leaves each closed
         # one in TIME_WAIT for a minute, and a few hundred turns a second then use up the
         # host's ephemeral ports. No cap on connections: the action server answers overload
-        # itself, at once, where a full pool here would only wait out the timeout.
+        # itself, at once, where a full pool here would only wait out the timeout. Idle ones
+        # close after 4 s, before the action server would (5 s on rasa-sdk 3.6's Sanic), so
+        # a turn is never sent on a connection the server is closing.
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             self._loop = loop
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s), connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                                  connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0))
         return self._session
 
     async def close(self) -> None:

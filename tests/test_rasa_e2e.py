@@ -169,7 +169,7 @@ def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_serv
     per_turn = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
     assert per_turn < 5000, f"tracker grew {per_turn:.0f} bytes per turn"
     # The channel keeps its connection to the API: one per turn would leave 20 more in TIME_WAIT.
-    assert sockets_to(bot["api_port"]).count(TIME_WAIT) - closed_before <= 1
+    assert sockets_to(bot["api_port"]).count(TIME_WAIT) - closed_before <= 3  # an idle one may close (4 s)
 
 
 def test_an_angry_caller_through_the_channel_is_handed_off(bot, action_server, models):
