@@ -79,7 +79,7 @@ class EmotionAnalyzer:
         # host's ephemeral ports. No cap on connections: the action server answers overload
         # itself, at once, where a full pool here would only wait out the timeout. Idle ones
         # close after 4 s, before the action server would (5 s on rasa-sdk 3.6's Sanic), so
-        # a turn is never sent on a connection the server is closing.
+        # no turn goes out on a connection the server is just closing.
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             self._loop = loop
