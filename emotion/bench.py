@@ -344,7 +344,11 @@ async def _arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed)
     # than sending its overdue turns at once.
     start_at = max(start_at, time.monotonic())
     endpoint = url + ("/v1/analyze" if path == "api_raw_bytes" else "/webhook")
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
+    # Rasa opens a connection for every action call and closes it after the answer (a
+    # client session per request, 3.6 and Pro alike); the API's callers (our channels, a
+    # gateway) keep theirs open.
+    keep_alive = 64 if path == "api_raw_bytes" else 0
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=keep_alive)) as client:
         async def send(i: int) -> None:
             await asyncio.sleep(max(0.0, start_at + offsets[i] - time.monotonic()))
             t = time.monotonic()
