@@ -155,7 +155,8 @@ def test_voice_client_sends_a_turn(bot, action_server, models, tmp_path):
 def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_server, models):
     action_server(models("angry60", angry=0.6), api=True)
     wav = wav_bytes(5.7)
-    sizes, closed_before = [], sockets_to(bot["api_port"]).count(TIME_WAIT)  # the readiness checks'
+    sizes = []
+    closed_before = sockets_to(bot["api_port"]).count(TIME_WAIT)  # the server's readiness checks closed these
     for turn in range(20):
         replies = say(bot, "caller-channel", "I want to complain", {"base64": b64(wav)}, channel="emotion_rest")
         assert [r.get("text") for r in replies] == ["I'm sorry to hear that. I'll make this a priority."]
