@@ -44,6 +44,7 @@ class EmotionEngine:
         self.on_batch = None  # metrics hook: (batch_size, seconds)
         self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
         self.freeze_heap = False  # the action server's: see load()
+        self.fetches_urls = True  # the engine process's gets waves only: its workers fetch
         self.stats = BatchStats()  # every batch run, by the micro-batcher or analyze_waves
         # CPU seconds by thread role: what bounds one server process apart from the model.
         self._cpu_s = {"decode": 0.0, "inference": 0.0}
@@ -67,7 +68,8 @@ class EmotionEngine:
             raise
         if self.config.warmup:
             self._warmup()
-        self._build_fetcher()
+        if self.fetches_urls:
+            self._build_fetcher()
         if self.freeze_heap:
             # torch, FunASR and the model leave ~500k objects that live as long as the process,
             # and a full collection walks them all while holding the GIL: 0.4 s on a 2-core

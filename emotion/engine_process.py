@@ -57,6 +57,7 @@ def serve(path: str) -> None:
 async def _serve(path: str) -> None:
     engine = EmotionEngine(EngineConfig.from_env())
     engine.freeze_heap = True  # this process is the server's own: see EmotionEngine.load
+    engine.fetches_urls = False
     engine.on_batch = metrics.record_batch
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

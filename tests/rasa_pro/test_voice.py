@@ -48,12 +48,16 @@ FRAME_BYTES = 160  # Twilio sends 20 ms of 8 kHz mu-law per media message
 
 
 @pytest.fixture(scope="module")
-def analysis_api(tmp_path_factory):
+def angry_env(tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp("models") / "angry90"
     subprocess.run([MAIN_PYTHON, "-m", "emotion", "make-checkpoint", str(checkpoint), "--head", "angry=0.9"],
                    cwd=ROOT, check=True, capture_output=True)
-    server = ActionServer({"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))},
-                          python=MAIN_PYTHON).wait()
+    return {"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))}
+
+
+@pytest.fixture(scope="module")
+def analysis_api(angry_env):
+    server = ActionServer(angry_env, python=MAIN_PYTHON).wait()
     yield server.url + "/v1/analyze"
     server.stop()
 
@@ -145,11 +149,11 @@ class CountingQueue(InMemoryConversationQueue):
 async def served(channel, agent=None):
     """``channel`` served as Rasa Pro serves it: registered by Rasa Pro's own ``register``
     on a Sanic server, whose stop runs the listeners a channel added."""
-    app = Sanic(f"emotion_test_{channel.name()}")
+    port = free_port()
+    app = Sanic(f"emotion_test_{port}")  # Sanic keeps every app by name for the process's life
     app.config.TOUCHUP = False  # Sanic rewrites its handler at a first start; a second app in one process fails
     app.ctx.agent = agent
     register([channel], app, "/webhooks/")
-    port = free_port()
     server = await app.create_server(host="127.0.0.1", port=port, return_asyncio_server=True)
     await server.startup()
     await server.before_start()
@@ -228,6 +232,27 @@ def test_a_call_keeps_one_connection_to_the_api_which_closes_when_rasa_stops(ana
     assert [f.metadata["emotion"]["emotion"] for f in finals] == ["angry"] * 3
     assert during.count(ESTABLISHED) == 1, during  # three turns, one connection
     assert ESTABLISHED not in after, after
+
+
+def test_calls_go_on_across_a_restart_of_the_action_server(angry_env):
+    """A deploy restarts the action server under live calls: the old server closes the
+    connection the channel kept, and the next turn goes out on a new one."""
+    server = ActionServer(angry_env, python=MAIN_PYTHON).wait()
+    channel = twilio_channel(server.url + "/v1/analyze")
+
+    async def call_restart_call():
+        nonlocal server
+        async with served(channel):
+            before = await call(channel, [(1.0, "hello")])
+            await asyncio.to_thread(server.stop)
+            server = await asyncio.to_thread(ActionServer(angry_env, port=server.port, python=MAIN_PYTHON).wait)
+            return before + await call(channel, [(1.0, "my bill"), (1.0, "is wrong")])
+
+    try:
+        finals = asyncio.run(call_restart_call())
+    finally:
+        server.stop()
+    assert [f.metadata["emotion"].get("emotion") for f in finals] == ["angry"] * 3, [f.metadata for f in finals]
 
 
 def test_the_rest_channel_tags_messages_in_rasa_pro_too(analysis_api):
