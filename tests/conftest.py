@@ -122,6 +122,7 @@ class ActionServer:
     def __init__(self, env: dict[str, str], port: int | None = None, python: str = sys.executable) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env, self.python = env, python
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "SANIC_HOST": "127.0.0.1", **env}
         self.log = open(Path(env.get("_LOG_DIR", "/tmp")) / f"action-server-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -146,6 +147,11 @@ class ActionServer:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"action server not ready after {timeout_s} s; log: {self.log.name}")
+
+    def restarted(self) -> ActionServer:
+        """This server stopped, and a new one started on its port, as a deploy does."""
+        self.stop()
+        return ActionServer(self.env, self.port, self.python).wait()
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -48,18 +48,20 @@ FRAME_BYTES = 160  # Twilio sends 20 ms of 8 kHz mu-law per media message
 
 
 @pytest.fixture(scope="module")
-def angry_env(tmp_path_factory):
+def action_server(tmp_path_factory):
+    """``[server]``, which a test may replace by a restarted one."""
     checkpoint = tmp_path_factory.mktemp("models") / "angry90"
     subprocess.run([MAIN_PYTHON, "-m", "emotion", "make-checkpoint", str(checkpoint), "--head", "angry=0.9"],
                    cwd=ROOT, check=True, capture_output=True)
-    return {"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))}
+    servers = [ActionServer({"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))},
+                            python=MAIN_PYTHON).wait()]
+    yield servers
+    servers[0].stop()
 
 
-@pytest.fixture(scope="module")
-def analysis_api(angry_env):
-    server = ActionServer(angry_env, python=MAIN_PYTHON).wait()
-    yield server.url + "/v1/analyze"
-    server.stop()
+@pytest.fixture
+def analysis_api(action_server):
+    return action_server[0].url + "/v1/analyze"
 
 
 @pytest.fixture(autouse=True)
@@ -234,24 +236,18 @@ def test_a_call_keeps_one_connection_to_the_api_which_closes_when_rasa_stops(ana
     assert ESTABLISHED not in after, after
 
 
-def test_calls_go_on_across_a_restart_of_the_action_server(angry_env):
+def test_calls_go_on_across_a_restart_of_the_action_server(action_server, analysis_api):
     """A deploy restarts the action server under live calls: the old server closes the
     connection the channel kept, and the next turn goes out on a new one."""
-    server = ActionServer(angry_env, python=MAIN_PYTHON).wait()
-    channel = twilio_channel(server.url + "/v1/analyze")
+    channel = twilio_channel(analysis_api)
 
     async def call_restart_call():
-        nonlocal server
         async with served(channel):
             before = await call(channel, [(1.0, "hello")])
-            await asyncio.to_thread(server.stop)
-            server = await asyncio.to_thread(ActionServer(angry_env, port=server.port, python=MAIN_PYTHON).wait)
+            action_server[0] = await asyncio.to_thread(action_server[0].restarted)
             return before + await call(channel, [(1.0, "my bill"), (1.0, "is wrong")])
 
-    try:
-        finals = asyncio.run(call_restart_call())
-    finally:
-        server.stop()
+    finals = asyncio.run(call_restart_call())
     assert [f.metadata["emotion"].get("emotion") for f in finals] == ["angry"] * 3, [f.metadata for f in finals]
 
 
