@@ -5,7 +5,8 @@
 # `python -m emotion bench` on mixed 1-15 s turns, in-process and open-loop through the
 # action server, then through the action server again with 8 Sanic workers sharing one
 # engine process, and last the attention probe (bench/flex_probe.py). Wheels for the
-# other packages may wait in .whl/ (a GPU machine without package index access). Output
+# other packages may wait in .whl/ (a GPU machine without package index access:
+# bench/wheels.sh makes them from the machine's `pip list --format=freeze`). Output
 # goes to ${OUT:-bench/out}; BENCH_ARGS replaces the benchmark's arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
