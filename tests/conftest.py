@@ -148,10 +148,11 @@ class ActionServer:
             time.sleep(0.2)
         raise TimeoutError(f"action server not ready after {timeout_s} s; log: {self.log.name}")
 
-    def restarted(self) -> ActionServer:
-        """This server stopped, and a new one started on its port, as a deploy does."""
+    def restart(self) -> None:
+        """Stops this server and starts it again on its port, as a deploy does."""
         self.stop()
-        return ActionServer(self.env, self.port, self.python).wait()
+        self.__init__(self.env, self.port, self.python)
+        self.wait()
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -49,19 +49,18 @@ FRAME_BYTES = 160  # Twilio sends 20 ms of 8 kHz mu-law per media message
 
 @pytest.fixture(scope="module")
 def action_server(tmp_path_factory):
-    """``[server]``, which a test may replace by a restarted one."""
     checkpoint = tmp_path_factory.mktemp("models") / "angry90"
     subprocess.run([MAIN_PYTHON, "-m", "emotion", "make-checkpoint", str(checkpoint), "--head", "angry=0.9"],
                    cwd=ROOT, check=True, capture_output=True)
-    servers = [ActionServer({"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))},
-                            python=MAIN_PYTHON).wait()]
-    yield servers
-    servers[0].stop()
+    server = ActionServer({"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))},
+                          python=MAIN_PYTHON).wait()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
 def analysis_api(action_server):
-    return action_server[0].url + "/v1/analyze"
+    return action_server.url + "/v1/analyze"
 
 
 @pytest.fixture(autouse=True)
@@ -244,7 +243,7 @@ def test_calls_go_on_across_a_restart_of_the_action_server(action_server, analys
     async def call_restart_call():
         async with served(channel):
             before = await call(channel, [(1.0, "hello")])
-            action_server[0] = await asyncio.to_thread(action_server[0].restarted)
+            await asyncio.to_thread(action_server.restart)
             return before + await call(channel, [(1.0, "my bill"), (1.0, "is wrong")])
 
     finals = asyncio.run(call_restart_call())
