@@ -44,7 +44,7 @@ class EmotionEngine:
         self.on_batch = None  # metrics hook: (batch_size, seconds)
         self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
         self.freeze_heap = False  # the action server's: see load()
-        self.fetches_urls = True  # the engine process's gets waves only: its workers fetch
+        self.fetches_urls = True  # not in the engine process: it gets waves, its workers fetch
         self.stats = BatchStats()  # every batch run, by the micro-batcher or analyze_waves
         # CPU seconds by thread role: what bounds one server process apart from the model.
         self._cpu_s = {"decode": 0.0, "inference": 0.0}
