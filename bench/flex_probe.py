@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from emotion.model import document_block_mask
+from emotion.engine.model import document_block_mask
 
 warnings.filterwarnings("ignore")
 H, D, dev = 16, 64, torch.device("cuda")

@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks in one command, for a machine with an NVIDIA GPU and a CUDA
 # torch already installed: the GPU tests, a profile of one packed batch, the engine's own
 # event-loop cost (in process, and through an engine process fed by 8 workers), then
-# `python -m emotion bench` on mixed 1-15 s turns, in-process and open-loop through the
+# `python bench/bench.py` on mixed 1-15 s turns, in-process and open-loop through the
 # action server, then through the action server again with 8 Sanic workers sharing one
 # engine process, and last the attention probe (bench/flex_probe.py). Wheels for the
 # other packages may wait in .whl/ (a GPU machine without package index access:
@@ -24,12 +24,12 @@ python3 bench/profile_batch.py --size large --batch 64 --rows 30 >"$out/profile.
 head -c 6000 "$out/profile.txt"
 python3 bench/loop_cost.py --batch 64 2>/dev/null
 python3 bench/loop_cost.py --batch 64 --workers 8 2>/dev/null
-python3 -m emotion bench ${BENCH_ARGS:---size large --clips 2048 --baseline-clips 64 --concurrency 1 64 \
+python3 bench/bench.py ${BENCH_ARGS:---size large --clips 2048 --baseline-clips 64 --concurrency 1 64 \
     --server-turns 4000 --server-rate 1000 --load-processes 8 --compare-fp32} >"$out/bench.json" 2>"$out/bench.log"
 echo "bench exit $?"
 tail -5 "$out/bench.log"
 cat "$out/bench.json"
-python3 -m emotion bench ${WORKERS_BENCH_ARGS:---size large --clips 64 --baseline-clips 8 --concurrency 1 \
+python3 bench/bench.py ${WORKERS_BENCH_ARGS:---size large --clips 64 --baseline-clips 8 --concurrency 1 \
     --server-turns 4000 --server-rate 1000 --load-processes 8 --server-workers 8} >"$out/bench-workers.json" 2>"$out/bench-workers.log"
 echo "bench (8 workers) exit $?"
 tail -5 "$out/bench-workers.log"

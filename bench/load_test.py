@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from emotion.audio import encode_audio
-from emotion.bench import action_server, webhook_call
+from bench import action_server, webhook_call  # bench/bench.py, beside this script
+from emotion.engine.audio import encode_audio
 
 
 def _cases(audio_url: str) -> list[tuple[str, dict, str | None]]:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if not model:
-            from emotion.checkpoint import write_checkpoint
+            from emotion.tools.checkpoint import write_checkpoint
 
             model = str(write_checkpoint(Path(tmp) / "model", size="tiny"))
         rng = np.random.default_rng(1)

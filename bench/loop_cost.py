@@ -19,11 +19,11 @@ import time
 
 import numpy as np
 
-from emotion import engine_process
-from emotion.checkpoint import write_checkpoint
-from emotion.config import EngineConfig
-from emotion.engine import EmotionEngine
-from emotion.engine_process import EngineClient
+from emotion.engine.core import EmotionEngine
+from emotion.serving import engine_process
+from emotion.serving.engine_process import EngineClient
+from emotion.settings import Settings
+from emotion.tools.checkpoint import write_checkpoint
 
 CALLERS = 50
 
@@ -56,7 +56,7 @@ async def _calls(engine: EmotionEngine, turns: int, waves: list[np.ndarray]) -> 
 
 def _worker(path: str, turns: int, started, done) -> None:
     async def main() -> None:
-        client = EngineClient(EngineConfig(), path)
+        client = EngineClient(Settings(), path)
         await client.start()
         waves = _waves(os.getpid())
         done.put("ready")
@@ -70,7 +70,7 @@ def _worker(path: str, turns: int, started, done) -> None:
 
 
 def in_process(args, checkpoint: str) -> None:
-    engine = _free_inference(EmotionEngine(EngineConfig(model=checkpoint, device="cpu", warmup=False,
+    engine = _free_inference(EmotionEngine(Settings(model=checkpoint, device="cpu", warmup=False,
                                                         max_batch_size=args.batch)).load())
     waves = _waves(0)
 
@@ -117,7 +117,7 @@ def through_engine_process(args, checkpoint: str, tmp: str) -> None:
 
 
 async def _engine_cpu(path: str) -> dict:
-    client = EngineClient(EngineConfig(), path)
+    client = EngineClient(Settings(), path)
     await client.start()
     status = await client.current_status()
     await client.close()

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import torch
 
-from emotion.checkpoint import write_checkpoint
-from emotion.model import EmotionModel
+from emotion.engine.model import EmotionModel
+from emotion.tools.checkpoint import write_checkpoint
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--size", default="large")

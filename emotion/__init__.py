@@ -1,8 +1,10 @@
 """Speech emotion for voice bots: emotion2vec in-process, batched, with escalation rules.
 
-The engine never imports Rasa; the Rasa actions live in ``emotion.rasa_actions``. Names
-load on first use, so ``emotion.rules`` and ``emotion.windows`` stay light enough for the
-Rasa Pro server's environment (PyYAML and numpy, which Rasa ships).
+Three layers: ``emotion.engine`` (audio in, results out; never imports Rasa),
+``emotion.serving`` (the Rasa plugin and actions, the analysis API) and ``emotion.tools``
+(the command line). Names load on first use, so ``emotion.rules`` and
+``emotion.engine.results`` stay light enough for Rasa Pro's environment (PyYAML and
+numpy, which Rasa ships).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import importlib
 
 _EXPORTS = {
     "Decision": "emotion.rules",
-    "EmotionEngine": "emotion.engine",
+    "EmotionEngine": "emotion.engine.core",
     "EmotionError": "emotion.errors",
-    "EmotionResult": "emotion.windows",
-    "EngineConfig": "emotion.config",
+    "EmotionResult": "emotion.engine.results",
     "EscalationRule": "emotion.rules",
-    "Segment": "emotion.windows",
+    "Segment": "emotion.engine.results",
+    "Settings": "emotion.settings",
     "Turn": "emotion.rules",
     "evaluate_rules": "emotion.rules",
     "load_rules": "emotion.rules",

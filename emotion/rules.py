@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from emotion.config import LABELS
 from emotion.errors import ConfigError
+from emotion.settings import LABELS
 
 DEFAULT_RULES_YAML = """\
 rules:

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from emotion.audio import encode_audio as encode  # noqa: F401  (tests import it from here)
+from emotion.engine.audio import encode_audio as encode  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16_000
@@ -102,7 +102,7 @@ def models(tmp_path_factory):
     made: dict[str, Path] = {}
 
     def get(name: str = "random", **head: float) -> Path:
-        from emotion.checkpoint import write_checkpoint  # torch: only tests that need a model
+        from emotion.tools.checkpoint import write_checkpoint  # torch: only tests that need a model
 
         if name not in made:
             made[name] = write_checkpoint(root / name, size="tiny", head_probs=head or None, seed=len(made))

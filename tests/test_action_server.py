@@ -6,7 +6,7 @@ import httpx
 import pytest
 from conftest import b64, encode, rasa_call, slot_events, speech_like, wav_bytes
 
-from emotion.config import LABELS
+from emotion.settings import LABELS
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import b64, encode, rasa_call, slot_events, speech_like, wav_bytes
 
-from emotion.config import LABELS
+from emotion.settings import LABELS
 
 SERVER_ENV = {"EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024)}
 

@@ -11,7 +11,7 @@ from conftest import encode, speech_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emotion.audio import decode_audio
+from emotion.engine.audio import decode_audio
 from emotion.errors import AudioTooLarge, BadReference, DecodeFailed, EmotionError, InvalidAudio
 
 FORMATS = [

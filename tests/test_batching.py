@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import speech_like
 
-from emotion.batching import MicroBatcher
-from emotion.config import EngineConfig
-from emotion.engine import EmotionEngine
+from emotion.engine.batching import MicroBatcher
+from emotion.engine.core import EmotionEngine
 from emotion.errors import InferenceFailed, Overloaded, TimedOut
+from emotion.settings import Settings
 
 
 class Recorder:
@@ -139,7 +139,7 @@ def test_order_of_results_follows_the_callers():
 
 
 def test_concurrent_turns_through_the_batcher_match_one_by_one(tiny_model):
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", max_batch_size=8, max_wait_ms=20, warmup=False))
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", max_batch_size=8, max_wait_ms=20, warmup=False))
     waves = [speech_like(s, seed=i) for i, s in enumerate([0.5, 1.0, 2.5, 4.0, 4.5, 9.0])]
 
     async def main():
@@ -160,14 +160,14 @@ def test_config_rejects_bad_batch_sizes(bad):
     from emotion.errors import ConfigError
 
     if bad == 0:
-        assert EngineConfig(max_batch_size=0).max_batch_size == 0
+        assert Settings(max_batch_size=0).max_batch_size == 0
         return
-    with pytest.raises(ConfigError, match=r"max_batch_size=.*\[0, 1024\]"):
-        EngineConfig(max_batch_size=bad)
+    with pytest.raises(ConfigError, match=r"EMOTION_MAX_BATCH=.*\[0, 1024\]"):
+        Settings(max_batch_size=bad)
 
 
 def test_plan_batches_fills_the_first_batch_with_room_in_order():
-    from emotion.batching import plan_batches
+    from emotion.engine.batching import plan_batches
 
     assert plan_batches([1, 10, 2, 9, 1, 10, 3, 8], max_batch_size=3, max_cost=25) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert plan_batches([10, 20, 5], max_batch_size=4, max_cost=16) == [[0, 2], [1]]  # the later short one fits first

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, encode, free_port, speech_like
 
-from emotion.config import LABELS
+from emotion.settings import LABELS
 
 
 def cli(*args, timeout=300):
@@ -17,7 +17,7 @@ def cli(*args, timeout=300):
 
 def run_main(capsys, *args):
     """The CLI in this process (no subprocess needed to test its outputs)."""
-    from emotion.cli import main
+    from emotion.tools.cli import main
 
     code = main([str(a) for a in args])
     return code, capsys.readouterr().out
@@ -88,41 +88,6 @@ def test_bad_model_is_a_clear_error(files, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_small_benchmark_runs_and_reports(tmp_path):
-    proc = cli("bench", "--size", "tiny", "--device", "cpu", "--clips", "12", "--baseline-clips", "4", "--concurrency", "1", "4",
-               "--server-turns", "12", "--server-rate", "6", "--load-processes", "2", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
-    assert report["funasr_generate_baseline"]["clips_per_s"] > 0
-    assert set(report["engine"]) == {"1", "4"}
-    assert sum(int(n) * count for n, count in report["engine"]["4"]["batch_sizes_seen"].items()) == 12
-    for path in ("api_raw_bytes", "webhook_url", "webhook_base64"):
-        run = report["action_server"][path]
-        assert run["errors"] == 0 and run["turns"] == 12 and run["health_ms_while_busy"]["probes"] > 0, run
-        assert 0 < run["offered_turns_per_s"] and 0 < run["turns_per_s"] and run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
-        cpu = run["server_cpu_ms_per_turn"]
-        assert set(cpu) == {"process", "event_loop", "decode", "inference"} and min(cpu.values()) > 0, cpu
-        assert cpu["process"] > cpu["inference"], cpu
-    assert report["recompiles_after_ready"] == 0 and report["action_server"]["recompiles_after_ready"] == 0
-    tracker = report["action_server"]["tracker_bytes_per_turn"]
-    assert tracker["metadata.emotion (api or EmotionRestInput)"] < 1500 < 20_000 < tracker["metadata.audio.base64"]
-
-
-def test_the_benchmark_sums_server_cpu_over_workers_and_the_engine_process():
-    proc = cli("bench", "--size", "tiny", "--device", "cpu", "--clips", "2", "--baseline-clips", "1", "--concurrency", "1",
-               "--server-turns", "8", "--server-rate", "6", "--load-processes", "1", "--server-workers", "2", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    server = json.loads(proc.stdout)["action_server"]
-    assert server["workers"] == 2 and server["engine_process"] is True
-    for path in ("api_raw_bytes", "webhook_url", "webhook_base64"):
-        run = server[path]
-        assert run["errors"] == 0 and run["turns"] == 8, run
-        cpu = run["server_cpu_ms_per_turn"]
-        assert set(cpu) == {"process", "event_loop", "decode", "inference", "engine_process", "engine_event_loop"}, cpu
-        # The workers hold no model: inference is the engine process's, and most of its CPU.
-        assert cpu["engine_process"] > cpu["inference"] > 0 and cpu["engine_process"] > cpu["process"] >= cpu["event_loop"] > 0, cpu
-
-
 def test_csv_and_npy_exports_match_the_json(files, models, tmp_path, capsys):
     import csv
 
@@ -189,7 +154,7 @@ def test_evaluate_gives_the_exact_confusion_matrix_of_a_hand_set_head(models, tm
 
 def test_send_turn_to_servers_that_are_not_there_or_not_rasa(files, http_server, capsys):
     """A wrong address or port is an error line and exit 2, not a traceback."""
-    from emotion.cli import main
+    from emotion.tools.cli import main
 
     closed = f"http://127.0.0.1:{free_port()}"
     http_server.routes["/v1/analyze"] = (502, {"Content-Type": "text/html"}, b"<html>bad gateway</html>")

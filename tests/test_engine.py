@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from conftest import encode, speech_like
 
-from emotion.config import EngineConfig
-from emotion.engine import EmotionEngine
+from emotion.engine.core import EmotionEngine
+from emotion.engine.plan import split
 from emotion.errors import ConfigError, InvalidAudio, TimedOut
-from emotion.windows import split
+from emotion.settings import Settings
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", window_seconds=10.0, warmup=False)).load()
+    return EmotionEngine(Settings(model=str(tiny_model), device="cpu", window_seconds=10.0, warmup=False)).load()
 
 
 @pytest.mark.parametrize("n,size,hop,expected", [
@@ -79,7 +79,7 @@ def test_async_bytes_path_records_timings_and_spans(tiny_model):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False))
     engine.tracer = provider.get_tracer("test")
 
     async def main():
@@ -97,7 +97,7 @@ def test_async_bytes_path_records_timings_and_spans(tiny_model):
 
 
 def test_cpu_seconds_by_thread_role(tiny_model):
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False))
     flac = encode(speech_like(30.0, 44_100, seed=3), 44_100, "FLAC")  # decoding and resampling cost CPU
 
     async def main():
@@ -120,19 +120,19 @@ def test_cpu_seconds_by_thread_role(tiny_model):
 def test_the_servers_engine_freezes_what_loading_left_on_the_heap(tiny_model):
     import gc
 
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False))
     engine.freeze_heap = True
     try:
         engine.load()
         assert gc.get_freeze_count() > 10_000  # the loaded model and its libraries
     finally:
         gc.unfreeze()
-    plain = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False)).load()
+    plain = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False)).load()
     assert plain.model is not None and gc.get_freeze_count() == 0  # a library caller's heap is theirs
 
 
 def test_inference_time_limit(tiny_model):
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, turn_timeout_s=0.1))
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, turn_timeout_s=0.1))
 
     async def main():
         await engine.start()
@@ -153,7 +153,7 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
     for batches over two clips, and for one clip longer than 5 s."""
     import torch
 
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=8, max_wait_ms=50))
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=8, max_wait_ms=50))
     engine.load()
 
     def flaky(real):
@@ -185,9 +185,9 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
 def test_warmup_runs_every_token_budget_a_batch_can_need(tiny_model, max_batch):
     """On a GPU each token budget is a graph compiled at its first forward: warm-up must
     run every budget a batch can reach (and none it cannot)."""
-    from emotion.model import TOKEN_BUDGETS, plan_pack
+    from emotion.engine.model import TOKEN_BUDGETS, plan_pack
 
-    config = EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=max_batch, window_seconds=30.0)
+    config = Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=max_batch, window_seconds=30.0)
     engine = EmotionEngine(config).load()
     model = engine.model
     model.budgets = TOKEN_BUDGETS  # as on a GPU; the batches are recorded, not run
@@ -215,7 +215,7 @@ def test_long_turns_are_aggregated_on_the_host_while_a_batch_runs(engine):
     device nor the model's lock, which a batch in flight holds."""
     import torch
 
-    from emotion.windows import assemble, clips_for
+    from emotion.engine.plan import assemble, clips_for
 
     x = np.random.default_rng(0).standard_normal((5, engine.model.embed_dim)).astype(np.float32)
     with torch.inference_mode():
@@ -233,7 +233,7 @@ def test_long_turns_are_aggregated_on_the_host_while_a_batch_runs(engine):
 
 def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
     """Same plan, same cost cap, and a clip that fails fails only its own file."""
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=64,
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=64,
                                         max_batch_audio_seconds=12.0)).load()
     seen = []
     real = engine.model.forward
@@ -259,10 +259,10 @@ def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
 def test_one_deadline_for_the_whole_turn(tiny_model, http_server):
     """Fetch, decode, load and inference share EMOTION_TURN_TIMEOUT_S: a slow audio URL
     within its own fetch limit still cannot hold the turn past the turn's limit."""
-    from emotion.sources import AudioRef
+    from emotion.engine.fetch import AudioRef
 
     http_server.routes["/slow.wav"] = (200, {"Content-Length": "100000"}, lambda w: (w.write(b"RIFF"), w.flush(), time.sleep(4)))
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, url_allow=("127.0.0.1",),
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, url_allow=("127.0.0.1",),
                                         fetch_timeout_s=3.0, turn_timeout_s=1.0))
 
     async def main():
@@ -281,8 +281,8 @@ def test_model_code_that_cannot_load_is_named(tiny_model, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.nn.attention.flex_attention", None)
-    monkeypatch.delitem(sys.modules, "emotion.model", raising=False)
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    monkeypatch.delitem(sys.modules, "emotion.engine.model", raising=False)
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False))
     from emotion.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match=r"torch .* is too old: .* needs torch >= 2.5"):
@@ -303,8 +303,8 @@ def test_an_error_without_a_message_still_says_what_failed(engine, monkeypatch):
 
 def test_label_subset_renormalises(models):
     model_dir = models("spread", angry=0.4, happy=0.2, neutral=0.1, sad=0.1)
-    full = EmotionEngine(EngineConfig(model=str(model_dir), device="cpu", warmup=False)).load()
-    subset = EmotionEngine(EngineConfig(model=str(model_dir), device="cpu", warmup=False, labels=("angry", "happy", "neutral", "sad"))).load()
+    full = EmotionEngine(Settings(model=str(model_dir), device="cpu", warmup=False)).load()
+    subset = EmotionEngine(Settings(model=str(model_dir), device="cpu", warmup=False, labels=("angry", "happy", "neutral", "sad"))).load()
     wave = speech_like(2.0)
     (a,), (b,) = full.analyze_waves([wave]), subset.analyze_waves([wave], granularity="segment")
     assert list(b.scores) == ["angry", "happy", "neutral", "sad"] and subset.labels == list(b.scores)
@@ -314,18 +314,18 @@ def test_label_subset_renormalises(models):
 
 
 def test_label_subset_the_model_lacks(models):
-    from emotion.checkpoint import TOKENS, write_checkpoint
     from emotion.errors import ModelUnavailable
+    from emotion.tools.checkpoint import TOKENS, write_checkpoint
 
     four = write_checkpoint(models("random").parent / "four", tokens=TOKENS[:4] + ["unuse_1", "<unk>"])
     with pytest.raises(ModelUnavailable, match=r"EMOTION_LABELS names \['sad'\], which this model lacks"):
-        EmotionEngine(EngineConfig(model=str(four), device="cpu", warmup=False, labels=("angry", "sad"))).load()
+        EmotionEngine(Settings(model=str(four), device="cpu", warmup=False, labels=("angry", "sad"))).load()
 
 
 def test_the_callers_channel_alone_is_scored(tiny_model):
     caller, agent = speech_like(2.0, seed=1), speech_like(2.0, seed=2)
     stereo = encode(np.stack([caller, agent], axis=1), 16000, "WAV", "FLOAT")
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False))
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False))
 
     async def main():
         out = [await engine.analyze_bytes(stereo, channel=c) for c in (0, 1, None)]
@@ -343,7 +343,7 @@ def test_ready_counts_graphs_compiled_after_warm_up(tiny_model):
     """A graph compiled while serving stalls every call; /ready reports how many were."""
     import torch
 
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False)).load()
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False)).load()
     assert engine.status()["graph_compiles_after_ready"] == 0
     torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
     assert engine.status()["graph_compiles_after_ready"] == 1
@@ -353,7 +353,7 @@ def test_past_max_queue_a_turn_is_refused_before_its_audio_is_decoded(tiny_model
     """Under overload the excess is answered at once, and the turns in progress finish."""
     from emotion.errors import Overloaded
 
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_queue=2)).load()
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_turns_in_flight=2)).load()
     real, decoded = engine.model.forward, []
 
     def slow(waves, **kwargs):
@@ -385,7 +385,7 @@ def test_a_turn_whose_windows_overflow_the_queue_is_refused_whole(tiny_model):
     already queued never reach the model, and the next turn is served."""
     from emotion.errors import Overloaded
 
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_queue=3,
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_queued_clips=3,
                                         window_seconds=1.0, segment_seconds=1.0, segment_hop_seconds=0.5)).load()
     real, ran = engine.model.forward, []
     engine.model.forward = lambda waves, **kwargs: ran.append(len(waves)) or real(waves, **kwargs)
@@ -408,7 +408,7 @@ def test_a_turn_that_would_finish_past_its_deadline_is_refused_at_once(tiny_mode
     EMOTION_TURN_TIMEOUT_S are answered `overloaded` on arrival, not with a timeout later."""
     from emotion.errors import Overloaded
 
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=1,
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=1,
                                         turn_timeout_s=2.0)).load()
     real = engine.model.forward
 

@@ -31,10 +31,10 @@ from test_action_server import (  # noqa: F401  (collected here again, on this m
 )
 from test_api import test_frames_with_embeddings, test_multipart_upload  # noqa: F401  (again, through the engine process)
 
-from emotion import engine_process
-from emotion.config import EngineConfig
-from emotion.engine import EmotionEngine
-from emotion.engine_process import EngineClient, _Channel, _SharedWaves
+from emotion.engine.core import EmotionEngine
+from emotion.serving import engine_process
+from emotion.serving.engine_process import EngineClient, _Channel, _SharedWaves
+from emotion.settings import Settings
 
 SERVER_ENV = {"ACTION_SERVER_SANIC_WORKERS": "2"}
 
@@ -145,14 +145,14 @@ def test_waves_cross_in_shared_memory_and_score_as_sent(models, tmp_path, monkey
     placed: list[int | None] = []
     put = _SharedWaves.put
     monkeypatch.setattr(_SharedWaves, "put", lambda self, wave: placed.append(put(self, wave)) or placed[-1])
-    engine = EmotionEngine(EngineConfig(model=str(models("random")), device="cpu", max_batch_size=8, warmup=False)).load()
+    engine = EmotionEngine(Settings(model=str(models("random")), device="cpu", max_batch_size=8, warmup=False)).load()
     waves = [speech_like(1.0 + i % 4, seed=i) for i in range(14)]
     expected = [r.scores for r in engine.analyze_waves(waves)]
     path = str(tmp_path / "engine.sock")
 
     async def main():
         server = await asyncio.get_running_loop().create_unix_server(lambda: engine_process._serving(engine), path)
-        client = EngineClient(EngineConfig(), path)
+        client = EngineClient(Settings(), path)
         await client.start()
         try:
             for _ in range(2):  # the second round reuses what the first released

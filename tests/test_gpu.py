@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import speech_like
 
-from emotion.config import EngineConfig
-from emotion.engine import EmotionEngine
-from emotion.model import EmotionModel
+from emotion.engine.core import EmotionEngine
+from emotion.engine.model import EmotionModel
+from emotion.settings import Settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU; CI has none")
 LENGTHS_S = [0.5, 1.3, 2.9, 5.0, 11.0, 30.0]
@@ -45,7 +45,7 @@ def test_auto_picks_the_gpu_and_a_reduced_precision(tiny_model):
 
 
 def test_engine_batches_on_the_gpu(tiny_model):
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model), max_wait_ms=20)).load()  # compiles while warming up
+    engine = EmotionEngine(Settings(model=str(tiny_model), max_wait_ms=20)).load()  # compiles while warming up
     waves = [speech_like(1.0 + i % 5, seed=i) for i in range(40)]
 
     async def main():
@@ -62,7 +62,7 @@ def test_engine_batches_on_the_gpu(tiny_model):
 def test_no_graph_is_compiled_while_serving_random_lengths(tiny_model):
     """Warm-up runs every token budget, so turns of any length (0.2-300 s, cut into
     windows) compile no graph after the engine is ready, while callers wait."""
-    engine = EmotionEngine(EngineConfig(model=str(tiny_model))).load()
+    engine = EmotionEngine(Settings(model=str(tiny_model))).load()
     rng = np.random.default_rng(0)
     lengths = list(rng.uniform(0.2, 300, 8)) + list(rng.uniform(0.2, 15, 200))
     waves = [speech_like(float(s), seed=i) for i, s in enumerate(lengths)]

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import speech_like
 
-from emotion.checkpoint import head_bias, write_checkpoint
-from emotion.config import LABELS
+from emotion.engine.model import EmotionModel, document_block_mask, english_label, plan_pack
 from emotion.errors import ModelUnavailable
-from emotion.model import EmotionModel, document_block_mask, english_label, plan_pack
+from emotion.settings import LABELS
+from emotion.tools.checkpoint import head_bias, write_checkpoint
 
 LENGTHS_S = [0.5, 0.9, 1.7, 3.2, 7.5, 15.0, 30.0]
 

@@ -10,14 +10,14 @@ from conftest import LocalHTTPServer, b64, wav_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emotion.config import EngineConfig
+from emotion.engine.fetch import AudioFetcher, AudioRef, parse_audio_ref
 from emotion.errors import AudioTooLarge, BadReference, EmotionError, FetchFailed, ReferenceRefused, TimedOut
-from emotion.sources import AudioFetcher, AudioRef, parse_audio_ref
+from emotion.settings import Settings
 
 
 def fetch(ref, **config):
     async def main():
-        fetcher = AudioFetcher(EngineConfig(**config))
+        fetcher = AudioFetcher(Settings(**config))
         try:
             return await fetcher.fetch(ref)
         finally:
@@ -133,7 +133,7 @@ def test_a_burst_of_url_turns_keeps_its_connections_for_the_next():
     server.routes["/slow.wav"] = (200, {"Content-Length": str(len(data))}, lambda w: (time.sleep(0.3), w.write(data)))
 
     async def two_bursts():
-        fetcher = AudioFetcher(EngineConfig(url_allow=("127.0.0.1",)))
+        fetcher = AudioFetcher(Settings(url_allow=("127.0.0.1",)))
         try:
             for _ in range(2):
                 got = await asyncio.gather(*(fetcher.fetch(AudioRef("url", server.url + "/slow.wav")) for _ in range(40)))

@@ -38,10 +38,10 @@ from rasa.shared.core.flows import FlowsList
 from rasa.shared.core.trackers import DialogueStateTracker
 from rasa.shared.nlu.training_data.message import Message
 
-from emotion.config import LABELS
+from emotion.engine.results import result_from_metadata
 from emotion.errors import EmotionError
 from emotion.rules import Turn, evaluate_rules, load_rules
-from emotion.windows import result_from_metadata
+from emotion.settings import LABELS
 
 log = logging.getLogger(__name__)
 

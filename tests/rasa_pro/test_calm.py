@@ -23,7 +23,7 @@ from rasa.shared.nlu.training_data.message import Message
 from rasa.shared.nlu.training_data.training_data import TrainingData
 from rasa.validator import Validator
 
-from emotion.config import LABELS
+from emotion.settings import LABELS
 
 CALM = Path(__file__).resolve().parents[2] / "domain_snippets" / "calm"
 RULES = CALM.parent / "emotion_rules.yml"

@@ -43,7 +43,7 @@ from emotion_calm import EmotionCommandGenerator, EmotionHandoffCommand  # noqa:
 from test_calm import new_tracker  # noqa: E402
 
 # The action server runs where torch and FunASR are: the project's main environment.
-MAIN_PYTHON = os.environ.get("EMOTION_MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+MAIN_PYTHON = os.environ.get("MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 FRAME_BYTES = 160  # Twilio sends 20 ms of 8 kHz mu-law per media message
 
 

@@ -95,7 +95,7 @@ def write_checkpoint(
 
 def head_bias(tokens: list[str], probs: dict[str, float]) -> torch.Tensor:
     """Logits whose softmax is ``probs`` (English labels); the rest share what is left."""
-    from emotion.model import english_label
+    from emotion.engine.model import english_label
 
     labels = [english_label(t) for t in tokens]
     unknown = [k for k in probs if k not in labels]

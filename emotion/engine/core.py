@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Sequence
 
 import numpy as np
 
-from emotion.audio import SAMPLE_RATE_HZ, decode_audio
-from emotion.batching import BatchStats, MicroBatcher, plan_batches, run_isolated
-from emotion.config import LABELS, EngineConfig
+from emotion.engine.audio import SAMPLE_RATE_HZ, decode_audio
+from emotion.engine.batching import BatchStats, MicroBatcher, plan_batches, run_isolated
+from emotion.engine.fetch import AudioFetcher, AudioRef
+from emotion.engine.plan import Clip, Plan, assemble, clips_for, plan_turn
+from emotion.engine.results import EmotionResult, Segment
 from emotion.errors import EmotionError, ModelUnavailable, Overloaded, TimedOut, first_line
-from emotion.sources import AudioFetcher, AudioRef
-from emotion.windows import Clip, EmotionResult, Plan, Segment, assemble, clips_for, plan_turn
+from emotion.settings import LABELS, Settings
 
 __all__ = ["EmotionEngine", "EmotionResult", "Segment"]
 
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 class EmotionEngine:
     """Loads emotion2vec once and serves analyses from any number of concurrent callers."""
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig()
+    def __init__(self, config: Settings | None = None) -> None:
+        self.config = config or Settings()
         self.model = None
         self.error: str | None = None
         self.warm = False
@@ -56,7 +57,7 @@ class EmotionEngine:
     def load(self) -> EmotionEngine:
         """Load and warm the model in this thread (CLI, benchmarks, tests)."""
         try:
-            from emotion.model import EmotionModel
+            from emotion.engine.model import EmotionModel
         except ImportError as exc:  # an old torch, or none: say which
             self.error = f"cannot load the model code: {first_line(exc, 300)}"
             raise ModelUnavailable(self.error) from exc
@@ -211,7 +212,7 @@ class EmotionEngine:
                 size=lambda clip: self.model.tokens(len(clip.wave)),
                 max_batch_size=self.max_batch_size,
                 max_wait_ms=self.config.max_wait_ms,
-                max_queue=self.config.max_queue,
+                max_queue=self.config.max_queued_clips,
                 max_batch_cost=self._max_batch_cost,
                 on_batch=self._batch_done,
             )
@@ -258,7 +259,7 @@ class EmotionEngine:
         """Why a new turn would be refused now, or None: EMOTION_MAX_QUEUE turns in progress,
         or so many that at the recent inference rate a new one would finish past the turn's
         deadline anyway."""
-        if self._turns >= self.config.max_queue:
+        if self._turns >= self.config.max_turns_in_flight:
             return f"{self._turns} turns already in progress"
         wait_s = (self._turns + 1) / self._clips_per_s if self._clips_per_s else 0.0
         if wait_s > self.config.turn_timeout_s:

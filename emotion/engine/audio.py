@@ -9,8 +9,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from emotion.config import FRAME_HOP_S, SAMPLE_RATE_HZ  # noqa: F401  (re-exported)
 from emotion.errors import AudioTooLarge, BadReference, DecodeFailed, InvalidAudio
+from emotion.settings import FRAME_HOP_S, SAMPLE_RATE_HZ  # noqa: F401  (re-exported)
 
 # Headerless telephony audio: what a caller must name, and how libsndfile reads it.
 RAW_ENCODINGS = {"mulaw": "ULAW", "ulaw": "ULAW", "alaw": "ALAW", "pcm_s16le": "PCM_16"}

@@ -1,15 +1,16 @@
-"""``python -m emotion``: analyze files, benchmark, send a voice turn to Rasa, make test checkpoints."""
+"""``python -m emotion``: analyze and evaluate files, send a voice turn to Rasa, check settings, make test checkpoints."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-from emotion.config import GRANULARITIES, EngineConfig
 from emotion.errors import EmotionError
+from emotion.settings import GRANULARITIES, Settings, reference_markdown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,23 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--plot", metavar="PNG", help="draw the confusion matrix")
 
-    bench = sub.add_parser("bench", help="throughput and latency against FunASR's generate()")
-    _model_args(bench)
-    bench.add_argument("--size", choices=("tiny", "base", "large"), default="large", help="checkpoint built when --model is not given")
-    bench.add_argument("--clips", type=int, default=64)
-    bench.add_argument("--baseline-clips", type=int, default=16)
-    bench.add_argument("--seconds", type=float, nargs=2, default=(1.0, 15.0), metavar=("MIN", "MAX"))
-    bench.add_argument("--fixed-seconds", type=float, help="every clip this long (e.g. 5)")
-    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    bench.add_argument("--server-turns", type=int, default=64, help="turns through the action server over HTTP, per path (0: skip)")
-    bench.add_argument("--server-rate", type=float, default=8.0, help="turns per second offered to the server, Poisson arrivals")
-    bench.add_argument("--load-processes", type=int, default=2, help="processes sending those turns")
-    bench.add_argument("--server-workers", type=int, default=1, help="the action server's Sanic workers (ACTION_SERVER_SANIC_WORKERS)")
-    bench.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
-                       help="the model in a process of its own (EMOTION_ENGINE_PROCESS)")
-    bench.add_argument("--compare-fp32", action="store_true", help="check bf16/fp16 against fp32: argmax agreement on mixed clips")
-    bench.add_argument("--agreement-clips", type=int, default=1000, help="clips for --compare-fp32")
-
     send = sub.add_parser("send-turn", help="send a voice turn to Rasa, as a voice gateway would")
     send.add_argument("audio")
     send.add_argument("--rasa", default="http://localhost:5005")
@@ -68,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--api", default="http://localhost:5055/v1/analyze", help="the analysis API, for --via api")
     send.add_argument("--token", help="bearer token for the analysis API (EMOTION_API_TOKEN)")
 
+    settings = sub.add_parser("settings", help="check the EMOTION_* settings and print them (or the reference)")
+    settings.add_argument("--markdown", action="store_true", help="print the configuration reference (docs/configuration.md)")
+
     make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint (tests and benchmarks only)")
     make.add_argument("directory")
     make.add_argument("--size", choices=("tiny", "base", "large"), default="tiny")
@@ -79,20 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
-        if args.command == "bench":
-            from emotion.bench import run_bench
-
-            print(json.dumps(run_bench(args), indent=2))
-            return 0
         if args.command == "evaluate":
-            from emotion.exports import evaluate
+            from emotion.engine.core import EmotionEngine
+            from emotion.tools.evaluate import evaluate
 
-            return evaluate(args)
+            return evaluate(EmotionEngine(config_from_args(args, warmup=False)), args)
+        if args.command == "settings":
+            return _settings(args)
         if args.command == "send-turn":
-            from emotion.client import send_turn
+            from emotion.tools.client import send_turn
 
             return send_turn(args)
-        from emotion.checkpoint import write_checkpoint
+        from emotion.tools.checkpoint import write_checkpoint
 
         head = None
         if args.head is not None:
@@ -110,47 +95,26 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
 
 
-def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
+def config_from_args(args: argparse.Namespace, **extra) -> Settings:
     overrides = {k: getattr(args, k) for k in ("model", "device", "dtype") if getattr(args, k, None)}
     overrides.update(extra)
-    return EngineConfig.from_env(**overrides)
+    return Settings.from_env(**overrides)
 
 
-FILES_PER_BATCH = 64  # decoded audio held at once; large runs go through in such chunks
-
-
-def analyze_files(engine, files: list[str], *, encoding=None, sample_rate=None, channel=None, granularity="utterance",
-                  embeddings=False, progress=False):
-    """Yield ``(file, EmotionResult)`` or ``(file, {"code", "message"})`` per file, in order;
-    a bad file is reported and the run goes on."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(files), unit="file", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
-    for start in range(0, len(files), FILES_PER_BATCH):
-        chunk = files[start : start + FILES_PER_BATCH]
-        answers: dict = {}
-        waves = {}
-        for name in chunk:
-            try:
-                waves[name] = engine.decode_sync(Path(name).read_bytes(), encoding, sample_rate, channel)
-            except OSError as exc:
-                answers[name] = {"code": "fetch_failed", "message": f"cannot read file: {exc.strerror}"}
-            except EmotionError as exc:
-                answers[name] = exc.as_dict()
-        if waves:
-            if engine.model is None:
-                engine.load()  # only once a file decodes
-            for name, result in zip(waves, engine.analyze_waves(list(waves.values()), granularity=granularity, embeddings=embeddings)):
-                answers[name] = result.as_dict() if isinstance(result, EmotionError) else result
-        for name in chunk:
-            bar.update()
-            yield name, answers[name]
-    bar.close()
+def _settings(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(reference_markdown(), end="")
+        return 0
+    values = dataclasses.asdict(Settings.from_env())
+    if values["api_token"]:
+        values["api_token"] = "(set)"
+    print(json.dumps(values, indent=2))
+    return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from emotion.engine import EmotionEngine
-    from emotion.exports import CsvWriter, save_embeddings
+    from emotion.engine.core import EmotionEngine
+    from emotion.tools.exports import CsvWriter, analyze_files, save_embeddings
 
     if args.plot and (len(args.files) != 1 or args.granularity == "utterance"):
         print("error: --plot takes one file and --granularity frame or segment", file=sys.stderr)
@@ -179,7 +143,7 @@ def _analyze(args: argparse.Namespace) -> int:
                 others = sorted(result.scores.items(), key=lambda kv: -kv[1])[1:4]
                 print(f"{name}: {result.emotion} {result.confidence:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in others)})")
             if args.plot:
-                from emotion.plot import plot_timeline
+                from emotion.tools.plot import plot_timeline
 
                 plot_timeline(result, args.plot, threshold=args.threshold, title=Path(name).name)
     return 1 if failed else 0

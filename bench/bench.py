@@ -1,5 +1,5 @@
-"""``python -m emotion bench``: FunASR's one-clip-per-call generate() against our batched engine,
-in one process and one run, plus the end-to-end path through the real action server."""
+"""``python bench/bench.py``: FunASR's one-clip-per-call generate() against our batched engine,
+in one process and one run, plus the end-to-end path through the real action server. Prints JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import json
 import os
 import platform
 import resource
@@ -20,8 +21,33 @@ from pathlib import Path
 
 import numpy as np
 
-from emotion.audio import SAMPLE_RATE_HZ, encode_audio
-from emotion.engine import EmotionEngine
+from emotion.engine.audio import SAMPLE_RATE_HZ, encode_audio
+from emotion.engine.core import EmotionEngine
+from emotion.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/bench.py", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", help="hub id, alias or local directory; default: a random-weight checkpoint of --size")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--size", choices=("tiny", "base", "large"), default="large", help="checkpoint built when --model is not given")
+    parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument("--baseline-clips", type=int, default=16)
+    parser.add_argument("--seconds", type=float, nargs=2, default=(1.0, 15.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--fixed-seconds", type=float, help="every clip this long (e.g. 5)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--server-turns", type=int, default=64, help="turns through the action server over HTTP, per path (0: skip)")
+    parser.add_argument("--server-rate", type=float, default=8.0, help="turns per second offered to the server, Poisson arrivals")
+    parser.add_argument("--load-processes", type=int, default=2, help="processes sending those turns")
+    parser.add_argument("--server-workers", type=int, default=1, help="the action server's Sanic workers (ACTION_SERVER_SANIC_WORKERS)")
+    parser.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
+                       help="the model in a process of its own (EMOTION_ENGINE_PROCESS)")
+    parser.add_argument("--compare-fp32", action="store_true", help="check bf16/fp16 against fp32: argmax agreement on mixed clips")
+    parser.add_argument("--agreement-clips", type=int, default=1000, help="clips for --compare-fp32")
+    print(json.dumps(run_bench(parser.parse_args(argv)), indent=2))
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -31,16 +57,15 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def _run_bench(args: argparse.Namespace) -> dict:
-    from emotion.cli import config_from_args
-    from emotion.model import EmotionModel
+    from emotion.engine.model import EmotionModel
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if not model_dir:
-            from emotion.checkpoint import write_checkpoint
+            from emotion.tools.checkpoint import write_checkpoint
 
             model_dir = str(write_checkpoint(Path(tmp) / args.size, size=args.size))
-        config = config_from_args(args, model=model_dir)
+        config = Settings.from_env(model=model_dir, **{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k)})
         engine = EmotionEngine(config).load()
         model = engine.model
         clips = _clips(args)
@@ -376,7 +401,7 @@ def tracker_bytes_per_turn(wav: bytes, result: dict) -> dict:
     for every path and not counted."""
     import json
 
-    from emotion.client import RESULT_KEYS
+    from emotion.tools.client import RESULT_KEYS
 
     utterance = {k: result[k] for k in RESULT_KEYS}
     paths = {
@@ -403,7 +428,7 @@ def action_server(env: dict[str, str], *, timeout_s: float = 300.0):
     port = _free_port()
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rasa_sdk", "--actions", "emotion.rasa_actions", "--port", str(port)],
+        [sys.executable, "-m", "rasa_sdk", "--actions", "emotion.serving.actions", "--port", str(port)],
         env={**os.environ, "SANIC_HOST": "127.0.0.1", **env}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,  # Sanic kills a failed worker's whole process group
     )
@@ -470,3 +495,7 @@ def _peak_memory(device) -> dict:
 
         out["gpu_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

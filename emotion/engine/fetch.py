@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from emotion.audio import RAW_ENCODINGS
-from emotion.config import EngineConfig
+from emotion.engine.audio import RAW_ENCODINGS
 from emotion.errors import AudioTooLarge, BadReference, FetchFailed, ReferenceRefused, TimedOut
+from emotion.settings import Settings
 
 MAX_REDIRECTS = 3
 _KINDS = ("url", "path", "base64")
@@ -88,7 +88,7 @@ def parse_channel(value: Any) -> int | None:
 class AudioFetcher:
     """Reads the bytes behind an ``AudioRef`` within the operator's limits."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: Settings) -> None:
         self.config = config
         self.max_bytes = config.max_audio_bytes
         hosts, nets = config.allow_networks()
@@ -98,7 +98,7 @@ class AudioFetcher:
         jar = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         timeout = httpx.Timeout(config.fetch_timeout_s, connect=min(3.0, config.fetch_timeout_s))
         self._client = httpx.AsyncClient(
-            transport=_GuardedTransport(self._guard, config.max_queue),
+            transport=_GuardedTransport(self._guard, config.max_url_connections),
             timeout=timeout,
             follow_redirects=False,
             cookies=jar,

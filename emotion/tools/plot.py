@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from emotion.engine import EmotionResult
+from emotion.engine.core import EmotionResult
 from emotion.errors import ConfigError
 
 COLORS = {

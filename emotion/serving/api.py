@@ -18,10 +18,10 @@ from sanic import response
 from sanic.headers import parse_content_header
 from sanic.request import parse_multipart_form
 
-from emotion.config import GRANULARITIES, ServerConfig
-from emotion.engine import EmotionEngine
+from emotion.engine.core import EmotionEngine
+from emotion.engine.fetch import parse_audio_ref, parse_channel
 from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable, Overloaded
-from emotion.sources import parse_audio_ref, parse_channel
+from emotion.settings import GRANULARITIES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class BadRequest(EmotionError):
     code = "bad_request"
 
 
-def add_routes(app, settings: Callable[[], tuple[EmotionEngine, ServerConfig]]) -> None:
+def add_routes(app, settings: Callable[[], tuple[EmotionEngine, Settings]]) -> None:
     """``settings`` gives the process's engine and server settings when a request comes."""
 
     async def analyze(request):
@@ -54,7 +54,7 @@ def add_routes(app, settings: Callable[[], tuple[EmotionEngine, ServerConfig]]) 
     app.add_route(predict, "/predict", methods=["POST"], name="emotion_predict", stream=True)
 
 
-async def _answer(request, engine: EmotionEngine, config: ServerConfig, handler):
+async def _answer(request, engine: EmotionEngine, config: Settings, handler):
     try:
         if config.api_token and not _authorized(request, config.api_token):
             return error_response("unauthorized", "a bearer token is required (Authorization: Bearer ...)",

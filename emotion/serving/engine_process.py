@@ -28,10 +28,10 @@ import time
 
 import numpy as np
 
-from emotion import metrics
-from emotion.config import SAMPLE_RATE_HZ, EngineConfig
-from emotion.engine import EmotionEngine, EmotionResult
+from emotion.engine.core import EmotionEngine, EmotionResult
 from emotion.errors import EmotionError, InferenceFailed, ModelUnavailable, first_line
+from emotion.serving import metrics
+from emotion.settings import SAMPLE_RATE_HZ, Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def serve(path: str) -> None:
 
 
 async def _serve(path: str) -> None:
-    engine = EmotionEngine(EngineConfig.from_env())
+    engine = EmotionEngine(Settings.from_env())
     engine.freeze_heap = True  # this process is the server's own: see EmotionEngine.load
     engine.fetches_urls = False
     engine.on_batch = metrics.record_batch
@@ -131,7 +131,7 @@ class EngineClient(EmotionEngine):
     decoding and admission here, batching and inference there, over one connection that
     carries every turn of this worker at once."""
 
-    def __init__(self, config: EngineConfig, path: str) -> None:
+    def __init__(self, config: Settings, path: str) -> None:
         super().__init__(config)
         self.path = path
         self.on_lost = None  # called when the engine process goes away (the plugin restarts it)

@@ -1,9 +1,7 @@
-"""Batch outputs for QA and post-call analytics: CSV rows, ``.npy`` embeddings, and an
-accuracy report against labelled recordings (``python -m emotion evaluate``)."""
+"""``python -m emotion evaluate``: accuracy against labelled recordings."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -12,50 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emotion.windows import EmotionResult
-
-
-class CsvWriter:
-    """One row per file, or per segment; a file that failed gets a row with its error."""
-
-    def __init__(self, path: str | None, labels: list[str], *, segments: bool) -> None:
-        self.path, self.labels, self.segments = path, labels, segments
-        self._file = self._writer = None
-
-    def __enter__(self) -> CsvWriter:
-        if self.path:
-            self._file = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
-            timing = ["start_s", "end_s"] if self.segments else []
-            self._writer = csv.writer(self._file)
-            self._writer.writerow(["file", *timing, "emotion", "confidence", *self.labels, "duration_s", "error"])
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file.close()
-
-    def write(self, name: str, result: EmotionResult | dict) -> None:
-        if self._writer is None:
-            return
-        if isinstance(result, dict):
-            blanks = [""] * (len(self.labels) + (5 if self.segments else 3))
-            self._writer.writerow([name, *blanks, f"[{result['code']}] {result['message']}"])
-            return
-        parts = result.segments if self.segments else [result]
-        for part in parts:
-            timing = [round(part.start_s, 3), round(part.end_s, 3)] if self.segments else []
-            scores = [round(part.scores[label], 6) for label in self.labels]
-            self._writer.writerow([name, *timing, part.emotion, round(part.confidence, 6), *scores, round(result.duration_s, 3), ""])
-
-
-def save_embeddings(directory: str, name: str, result: EmotionResult) -> Path:
-    """DIR/NAME.npy: the utterance embedding (dim,), or the frame embeddings (frames, dim)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(name).stem + ".npy")
-    array = result.frame_embeddings if result.frame_embeddings is not None else result.embedding
-    np.save(path, array)
-    return path
+from emotion.tools.exports import analyze_files
 
 
 def confusion_report(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
@@ -83,15 +38,11 @@ def confusion_report(truth: list[str], predicted: list[str], labels: list[str]) 
     }
 
 
-def evaluate(args: argparse.Namespace) -> int:
-    from emotion.cli import analyze_files, config_from_args
-    from emotion.engine import EmotionEngine
-
+def evaluate(engine, args) -> int:
     theirs_to_ours = {}
     for pair in filter(None, (p.strip() for p in args.map.split(","))):
         ours, _, theirs = pair.partition("=")
         theirs_to_ours[theirs.strip()] = ours.strip()
-    engine = EmotionEngine(config_from_args(args, warmup=False))
     base = Path(args.labels).parent
     with open(args.labels, newline="", encoding="utf-8") as f:
         rows = [(r["file"], r["label"].strip()) for r in csv.DictReader(f)]
@@ -135,7 +86,7 @@ def _as_text(report: dict) -> str:
 
 
 def _plot(report: dict, path: str) -> None:
-    from emotion.plot import pyplot
+    from emotion.tools.plot import pyplot
 
     plt = pyplot()
     labels, matrix = report["labels"], np.array(report["confusion_matrix"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from emotion.audio import decode_audio, encode_audio
+from emotion.engine.audio import decode_audio, encode_audio
 from emotion.errors import FetchFailed
 
 # The utterance result, as EmotionRestInput forwards it.

@@ -1,0 +1,176 @@
+"""The action-server plugin: owns the process's engine, rules and settings, and adds the
+analysis API, readiness, metrics and the review page to the Sanic app that ``rasa run
+actions`` builds in each worker (rasa-sdk's ``attach_sanic_app_extensions`` hook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pluggy
+from rasa_sdk.plugin import plugin_manager
+from sanic import response
+from sanic.exceptions import SanicException
+
+from emotion.engine.core import EmotionEngine
+from emotion.errors import ConfigError, EmotionError
+from emotion.rules import EscalationRule, load_rules
+from emotion.serving import api, engine_process, metrics
+from emotion.serving.alerts import AlertSender
+from emotion.serving.engine_process import ENGINE_SOCKET_ENV, EngineClient
+from emotion.settings import LABELS, Settings
+
+log = logging.getLogger(__name__)
+
+REVIEW_PAGE = Path(__file__).with_name("ui") / "review.html"
+ENGINE_PROCESS = "EmotionEngine"  # Sanic names it Sanic-EmotionEngine-0
+_hookimpl = pluggy.HookimplMarker("rasa_sdk")
+
+
+class EmotionPlugin:
+    """Owns this process's engine, rules and settings, read from the environment once.
+
+    One per process: rasa-sdk pickles action instances into every Sanic worker, so the
+    model must not live on them; the actions reach it through ``PLUGIN``.
+    """
+
+    def __init__(self) -> None:
+        self._engine: EmotionEngine | None = None
+        self.config: Settings | None = None
+        self.rules: list[EscalationRule] = []
+        self.alerts: AlertSender | None = None
+
+    @property
+    def engine(self) -> EmotionEngine:
+        if self._engine is None:
+            config = Settings.from_env()
+            self.rules = load_rules(config.rules_path, history_turns=config.history_turns, labels=config.labels or LABELS)
+            self.config = config
+            if config.alert_url:
+                self.alerts = AlertSender(config.alert_url, timeout_s=config.alert_timeout_s, retries=config.alert_retries,
+                                          on_outcome=lambda outcome: metrics.ALERTS.labels(outcome).inc())
+            path = os.environ.get(ENGINE_SOCKET_ENV)
+            if path:  # a Sanic worker, with the model in the engine process
+                self._engine = EngineClient(config, path)
+            else:
+                self._engine = EmotionEngine(config)
+                self._engine.on_batch = metrics.record_batch
+            self._engine.freeze_heap = True  # this process is the server's own
+        return self._engine
+
+    @_hookimpl
+    def attach_sanic_app_extensions(self, app) -> None:
+        try:
+            app.register_listener(self._start_engine_process, "main_process_ready")
+        except SanicException:  # Sanic before 22.9 (rasa-sdk 3.6): no worker manager, a model per worker
+            pass
+        else:
+            app.register_listener(self._after_engine_process, "main_process_stop")
+        app.register_listener(self._before_start, "before_server_start")
+        app.register_listener(self._after_stop, "after_server_stop")
+        app.add_route(self._ready, "/ready", methods=["GET"], name="emotion_ready")
+        app.add_route(self._metrics, "/metrics", methods=["GET"], name="emotion_metrics")
+        app.add_route(self._review_page, "/ui", methods=["GET"], name="emotion_ui")
+        api.add_routes(app, self.settings)
+
+    def settings(self) -> tuple[EmotionEngine, Settings]:
+        engine = self.engine  # reads the settings on first use
+        return engine, self.config
+
+    def _start_engine_process(self, app) -> None:
+        """In the main process, before the workers start: with several workers (or
+        EMOTION_ENGINE_PROCESS=on) the model gets a process of its own that they all share."""
+        wanted = Settings.from_env().engine_process
+        if wanted == "off" or (wanted == "auto" and app.state.workers <= 1):
+            return
+        path = os.path.join(tempfile.mkdtemp(prefix="emotion-"), "engine.sock")  # 0700: see engine_process
+        os.environ[ENGINE_SOCKET_ENV] = path  # the workers, spawned next, inherit it
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # /metrics sums over all processes
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.path.dirname(path), "metrics")
+            os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        app.manager.manage(ENGINE_PROCESS, engine_process.serve, {"path": path}, restartable=True)
+        log.info("emotion model runs in its own process, shared by %d Sanic worker(s)", app.state.workers)
+
+    @staticmethod
+    def _after_engine_process(_app) -> None:
+        path = os.environ.pop(ENGINE_SOCKET_ENV, None)
+        if path:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+    async def _before_start(self, app, _loop) -> None:
+        try:
+            engine = self.engine
+        except ConfigError as exc:
+            # Settings and rules are the operator's: refuse to start rather than run with a guess.
+            log.critical("invalid emotion configuration: %s", exc.message)
+            raise RuntimeError(f"invalid emotion configuration: {exc.message}") from None
+        # rasa-sdk builds its tracer provider from endpoints.yml in an earlier listener.
+        provider = getattr(app.ctx, "tracer_provider", None)
+        if provider is not None:
+            engine.tracer = provider.get_tracer("emotion")
+        if isinstance(engine, EngineClient) and _restarts_engine_process(app):
+            engine.on_lost = lambda: app.add_task(_restart_engine_process(app))
+        if self.config.fail_fast:
+            try:
+                await engine.start()
+            except EmotionError as exc:
+                log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
+                raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
+        else:
+            app.add_task(engine.start_or_log(), name="emotion_load")
+
+    async def _after_stop(self, app, _loop) -> None:
+        if self._engine is not None:
+            await self._engine.close()
+        if self.alerts is not None:
+            await self.alerts.close()
+
+    async def _ready(self, _request):
+        status = await self.engine.current_status()
+        return response.json(status, status=200 if status["ready"] else 503)
+
+    async def _review_page(self, _request):
+        self.settings()
+        rules = [{"name": r.name, "emotions": sorted(r.emotions), "min_confidence": r.min_confidence} for r in self.rules]
+        page = REVIEW_PAGE.read_text(encoding="utf-8")
+        return response.html(page.replace("__RULES__", json.dumps(rules).replace("</", "<\\/")))
+
+    async def _metrics(self, _request):
+        if not self.settings()[1].metrics:
+            return response.json({"error": "metrics are off (EMOTION_METRICS=false)"}, status=404)
+        return response.raw(metrics.page(await self.engine.current_status()), content_type=metrics.CONTENT_TYPE_LATEST)
+
+
+async def _restart_engine_process(app) -> None:
+    name = next(name for name in app.m.workers if ENGINE_PROCESS in name)
+    for _ in range(100):  # Sanic restarts only what its manager has seen end
+        if app.m.workers[name].get("state") in ("FAILED", "COMPLETED"):
+            app.m.restart(name=name)
+            return
+        await asyncio.sleep(0.1)
+    log.error("emotion: the engine process %s did not end; not restarting it", name)
+
+
+def _restarts_engine_process(app) -> bool:
+    """One worker, the first, asks Sanic to restart a lost engine process: one restart
+    and one model load, however many workers notice."""
+    servers = sorted(name for name, state in app.m.workers.items() if state.get("server"))
+    return bool(servers) and app.m.name == servers[0]
+
+
+PLUGIN = EmotionPlugin()
+
+
+def _register() -> None:
+    manager = plugin_manager()
+    if not manager.has_plugin("emotion"):
+        manager.register(PLUGIN, name="emotion")
+
+
+_register()
