@@ -84,7 +84,8 @@ try:  # the Rasa Pro tests run in Rasa Pro's own environment (scripts/test.sh)
 except ImportError:
     collect_ignore = ["rasa_pro"]
 
-_MODEL_FIXTURES = {"models", "tiny_model", "server", "angry_server", "bot", "action_server", "start_action_server", "engine", "browser"}
+_MODEL_FIXTURES = {"models", "tiny_model", "serve", "server", "server_newest", "server_sdk36", "locked_server", "broken_server",
+                   "alert_server", "bot", "engine", "browser"}
 
 
 def pytest_collection_modifyitems(items):
@@ -164,28 +165,26 @@ class ActionServer:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def angry_server(models, audio_root, tmp_path_factory, request):
-    """One action server per test module whose model scores every clip angry 0.9; a module
-    adds settings with ``SERVER_ENV``."""
-    env = {
-        "EMOTION_MODEL": str(models("angry90", angry=0.9)),
-        "EMOTION_AUDIO_ROOT": str(audio_root),
-        "EMOTION_URL_ALLOW": "127.0.0.1",
-        "_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
-        **getattr(request.module, "SERVER_ENV", {}),
-    }
-    server = ActionServer(env).wait()
-    yield server
-    server.stop()
+# One real action server per environment and checkpoint, shared by the whole session;
+# each is its own process, spoken to over HTTP as Rasa speaks to it. "sdk-3.6" is rasa-sdk
+# 3.6.2 on Sanic 21.12, what Rasa Open Source 3.6 and its rasa-sdk image run.
+SDK_PYTHONS = {"newest": sys.executable, "sdk-3.6": str(ROOT / ".venv-sdk36" / "bin" / "python")}
+ALERT_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_confidence: 0.7\n"
+               "  - name: watch\n    emotions: [angry]\n    min_confidence: 0.5\n    action: alert\n")
+TOKEN = "s3cret"
 
 
-@pytest.fixture
-def start_action_server(tmp_path):
+@pytest.fixture(scope="session")
+def serve(tmp_path_factory):
+    """Starts action servers that stop when the session ends."""
     servers = []
+    logs = tmp_path_factory.mktemp("logs")
 
-    def start(env: dict[str, str], ready: bool = True, port: int | None = None) -> ActionServer:
-        server = ActionServer({"_LOG_DIR": str(tmp_path), **env}, port=port)
+    def start(env: dict[str, str], sdk: str = "newest", ready: bool = True) -> ActionServer:
+        python = SDK_PYTHONS[sdk]
+        if not Path(python).exists():
+            pytest.fail(f"{python} is missing: scripts/setup.sh --test makes it")
+        server = ActionServer({"_LOG_DIR": str(logs), **env}, python=python)
         servers.append(server)
         return server.wait(ready=ready)
 
@@ -194,11 +193,69 @@ def start_action_server(tmp_path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
+def _angry_env(models, audio_root) -> dict[str, str]:
+    """What most tests need: every clip scores angry 0.9; the default rules (angry >= 0.7)."""
+    return {"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_AUDIO_ROOT": str(audio_root),
+            "EMOTION_URL_ALLOW": "127.0.0.1", "EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024)}
+
+
+@pytest.fixture(scope="session")
+def server_newest(serve, models, audio_root):
+    return serve(_angry_env(models, audio_root))
+
+
+@pytest.fixture(scope="session")
+def server_sdk36(serve, models, audio_root):
+    return serve(_angry_env(models, audio_root), sdk="sdk-3.6")
+
+
+@pytest.fixture(scope="session", params=list(SDK_PYTHONS))
+def server(request):
+    """The angry-0.9 action server, once on each rasa-sdk the project supports."""
+    return request.getfixturevalue("server_newest" if request.param == "newest" else "server_sdk36")
+
+
+@pytest.fixture(scope="session")
+def locked_server(serve, models):
+    """The analysis API behind a token, with /metrics off."""
+    return serve({"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_API_TOKEN": TOKEN, "EMOTION_METRICS": "false"})
+
+
+@pytest.fixture(scope="session")
+def broken_server(serve, tmp_path_factory):
+    """A server whose model directory does not exist: it serves, and says why it cannot tag."""
+    return serve({"EMOTION_MODEL": str(tmp_path_factory.mktemp("empty") / "no-model-here")})
+
+
+@pytest.fixture(scope="session")
+def alert_receiver():
+    receiver = LocalHTTPServer()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def alert_server(serve, models, alert_receiver, tmp_path_factory):
+    """Every clip scores angry 0.6: an alert-only rule fires, to a real loopback receiver."""
+    rules = tmp_path_factory.mktemp("rules") / "rules.yml"
+    rules.write_text(ALERT_RULES)
+    return serve({"EMOTION_MODEL": str(models("angry60", angry=0.6)), "EMOTION_RULES": str(rules),
+                  "EMOTION_ALERT_URL": alert_receiver.url + "/alerts", "EMOTION_ALERT_TIMEOUT_S": "0.5",
+                  "EMOTION_ALERT_RETRIES": "2"})
+
+
+@pytest.fixture(scope="session")
 def audio_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audio_root")
     (root / "turn.wav").write_bytes(wav_bytes(2.0))
     return root
+
+
+def run_server_to_exit(env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """An action server that must refuse to start: its exit code and output."""
+    return subprocess.run([sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(free_port())],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "SANIC_HOST": "127.0.0.1", **env},
+                          capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
 
 
 def rasa_call(sender: str, metadata: dict | None, text: str = "hello", slots: dict | None = None,

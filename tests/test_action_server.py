@@ -4,14 +4,9 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import b64, encode, rasa_call, slot_events, speech_like, wav_bytes
+from conftest import b64, encode, rasa_call, run_server_to_exit, slot_events, speech_like, wav_bytes
 
 from emotion.settings import LABELS
-
-
-@pytest.fixture(scope="module")
-def server(angry_server):
-    return angry_server
 
 
 def post(server, body):
@@ -126,8 +121,8 @@ def test_metrics_are_exposed(server):
     assert "emotion_model_ready 1.0" in text
 
 
-def test_a_model_that_failed_to_load(start_action_server, tmp_path):
-    srv = start_action_server({"EMOTION_MODEL": str(tmp_path / "no-model-here")})
+def test_a_model_that_failed_to_load(broken_server):
+    srv = broken_server
     ready = httpx.get(srv.url + "/ready")
     assert ready.status_code == 503 and "no model directory" in ready.json()["error"]
     assert httpx.get(srv.url + "/health").status_code == 200
@@ -147,18 +142,6 @@ def test_bad_rules_file_is_refused_at_startup(tmp_path, tiny_model):
     proc = run_server_to_exit({"EMOTION_MODEL": str(tiny_model), "EMOTION_RULES": str(rules)})
     assert proc.returncode != 0
     assert "rules.yml, line 2: rule 'a': unknown emotion(s) ['furious']" in proc.stdout + proc.stderr
-
-
-def run_server_to_exit(env):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT, free_port
-
-    return subprocess.run([sys.executable, "-m", "rasa_sdk", "--actions", "actions", "--port", str(free_port())],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True,
-                          timeout=120, start_new_session=True)
 
 
 GOOD_RESULT = {"emotion": "angry", "confidence": 0.8, "scores": {**{k: 0.025 for k in LABELS if k != "angry"}, "angry": 0.8},
@@ -225,46 +208,64 @@ def test_a_new_session_starts_with_no_history_and_no_cooldown(server):
     assert slots["escalate"] is False and len(slots["emotion_history"]) == 2
 
 
-ALERT_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_confidence: 0.7\n"
-               "  - name: watch\n    emotions: [angry]\n    min_confidence: 0.5\n    action: alert\n")
-
-
-def test_escalations_alert_a_supervisor_in_the_background(start_action_server, models, http_server, tmp_path):
-    """The receiver is a real loopback server that answers, then fails, then never answers:
-    each turn is answered at once and its slots are whole either way; retries are bounded."""
+def test_escalations_alert_a_supervisor_in_the_background(alert_server, alert_receiver):
+    """The receiver is a real loopback server that answers, then fails, then never answers.
+    It holds each alert until the turn has been answered: the turn never waits for it, its
+    slots are whole either way, and retries stop at EMOTION_ALERT_RETRIES."""
     import json
-    import time
+    import threading
 
-    rules = tmp_path / "rules.yml"
-    rules.write_text(ALERT_RULES)
-    srv = start_action_server({"EMOTION_MODEL": str(models("angry60", angry=0.6)), "EMOTION_RULES": str(rules),
-                               "EMOTION_ALERT_URL": http_server.url + "/alerts", "EMOTION_ALERT_TIMEOUT_S": "0.5",
-                               "EMOTION_ALERT_RETRIES": "2"})
-    receivers = {"ok": (200, {}, b"{}"), "error_500": (500, {}, b"down"),
-                 "hangs": (200, {"Content-Length": "2"}, lambda w: time.sleep(30))}
+    turn_answered = threading.Event()
+
+    def held(status):
+        def answer(w):
+            turn_answered.wait(30)
+            w.write(b"{}" if status == 200 else b"down!")
+        return answer
+
+    receivers = {"ok": (200, {"Content-Length": "2"}, held(200)), "error_500": (500, {"Content-Length": "5"}, held(500)),
+                 "hangs": (200, {"Content-Length": "2"}, lambda w: threading.Event().wait(30))}
     for receiver, answer in receivers.items():
-        http_server.routes["/alerts"] = answer
-        http_server.posted.clear()
-        started = time.monotonic()
+        alert_receiver.routes["/alerts"] = answer
+        alert_receiver.posted.clear()
+        turn_answered.clear()
+        outcomes = _alert_outcomes(alert_server)
         call = rasa_call(f"c-alert-{receiver}", {"audio": {"base64": b64(wav_bytes(1.0))}}, text="this is the third time")
-        slots = slot_events(post(srv, call))
-        assert time.monotonic() - started < 2.0, receiver
+        slots = slot_events(post(alert_server, call))
+        turn_answered.set()  # the turn came back while its alert was still held at the receiver
         assert slots["emotion"] == "angry" and slots["escalate"] is False  # alert only: the bot keeps the caller
         assert slots["emotion_history"][-1]["escalated"] == "watch"
-        deadline = time.monotonic() + 10
+        # The sender counts each alert once it is done with it: delivered, or failed after its retries.
+        done = _wait_for(lambda before=outcomes: _alert_outcomes(alert_server) != before, 30)
+        assert done, receiver
         expected = 1 if receiver == "ok" else 3
-        while len(http_server.posted) < expected and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.5)  # no more than that
-        assert len(http_server.posted) == expected, receiver
-        alert = json.loads(http_server.posted[0]["body"])
+        assert len(alert_receiver.posted) == expected, receiver
+        assert _alert_outcomes(alert_server)["sent" if receiver == "ok" else "failed"] == outcomes.get(
+            "sent" if receiver == "ok" else "failed", 0) + 1
+        alert = json.loads(alert_receiver.posted[0]["body"])
         assert alert["conversation_id"] == f"c-alert-{receiver}" and alert["rule"] == "watch" and alert["action"] == "alert"
         assert alert["emotion"] == "angry" and alert["last_user_text"] == "this is the third time"
         assert alert["emotion_history"] == slots["emotion_history"]
-    # The next turn is not held up by a receiver that is still failing.
-    started = time.monotonic()
-    assert slot_events(post(srv, rasa_call("c-alert-next", {"audio": {"base64": b64(wav_bytes(1.0))}})))["emotion"] == "angry"
-    assert time.monotonic() - started < 2.0
+    # The next turn is answered while the receiver still hangs on a new alert.
+    alert_receiver.routes["/alerts"] = receivers["hangs"]
+    assert slot_events(post(alert_server, rasa_call("c-alert-next", {"audio": {"base64": b64(wav_bytes(1.0))}})))["emotion"] == "angry"
+
+
+def _alert_outcomes(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("emotion_alerts_total{")}
+
+
+def _wait_for(condition, timeout_s: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_on_a_voice_channel_the_handoff_context_is_never_spoken(server):

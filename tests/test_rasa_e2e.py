@@ -15,6 +15,8 @@ import httpx
 import pytest
 from conftest import ROOT, TIME_WAIT, b64, encode, free_port, sockets_to, speech_like, wav_bytes
 
+from emotion.settings import LABELS
+
 RASA_VENV = Path(os.environ.get("RASA_VENV", ROOT / ".rasa-venv"))
 BOT = ROOT / "examples" / "bot"
 
@@ -26,15 +28,38 @@ def rasa_bin() -> Path:
     return path
 
 
+# Two more doors into the same channel class, for turns whose analysis must come from
+# elsewhere: the angry-0.9 server's API, and a port where nothing listens.
+TEST_CHANNELS = """
+from emotion_channel import EmotionRestInput
+
+
+class AngryApi(EmotionRestInput):
+    @classmethod
+    def name(cls):
+        return "emotion_rest_angry"
+
+
+class NoApi(EmotionRestInput):
+    @classmethod
+    def name(cls):
+        return "emotion_rest_down"
+"""
+
+
 @pytest.fixture(scope="module")
-def bot(tmp_path_factory):
-    """The example bot, trained once, served by Rasa with its action endpoint on a free port."""
+def bot(tmp_path_factory, server_sdk36, alert_server):
+    """The example bot, trained once, served by Rasa Open Source 3.6 with rasa-sdk 3.6's
+    action server (the angry-0.9 one) as its action endpoint. Its EmotionRestInput channel
+    asks the angry-0.6 server's API; emotion_rest_angry asks the angry-0.9 one's, and
+    emotion_rest_down a port where nothing listens."""
     work = tmp_path_factory.mktemp("bot")
     shutil.copytree(BOT, work / "bot", symlinks=False)
-    action_port, api_port = free_port(), free_port()
-    (work / "bot" / "endpoints.yml").write_text(f'action_endpoint:\n  url: "http://127.0.0.1:{action_port}/webhook"\n')
-    # The analysis API on its own port here, so a test can have the actions without the API.
-    credentials = (BOT / "credentials.yml").read_text().replace("localhost:5055", f"127.0.0.1:{api_port}")
+    (work / "bot" / "endpoints.yml").write_text(f'action_endpoint:\n  url: "{server_sdk36.url}/webhook"\n')
+    (work / "bot" / "test_channels.py").write_text(TEST_CHANNELS)
+    credentials = (BOT / "credentials.yml").read_text().replace("http://localhost:5055", alert_server.url)
+    credentials += (f'test_channels.AngryApi:\n  analyze_url: "{server_sdk36.url}/v1/analyze"\n'
+                    f'test_channels.NoApi:\n  analyze_url: "http://127.0.0.1:{free_port()}/v1/analyze"\n')
     (work / "bot" / "credentials.yml").write_text(credentials)
     env = {**os.environ, "RASA_TELEMETRY_ENABLED": "false"}
     subprocess.run([str(rasa_bin()), "train", "--domain", "domain", "--out", "models", "--fixed-model-name", "bot"],
@@ -57,16 +82,25 @@ def bot(tmp_path_factory):
             pass
         assert time.monotonic() < deadline, f"Rasa did not start; see {log.name}"
         time.sleep(0.5)
-    yield {"url": url, "action_port": action_port, "api_port": api_port}
+    yield {"url": url, "actions": server_sdk36, "api": alert_server}
     proc.terminate()
     proc.wait(30)
     log.close()
 
 
-def say(bot, sender, text, audio=None, channel="rest"):
+def result(emotion: str, confidence: float) -> dict:
+    """An utterance result as the analysis API returns it (metadata.emotion)."""
+    rest = (1 - confidence) / (len(LABELS) - 1)
+    scores = {label: confidence if label == emotion else rest for label in LABELS}
+    return {"emotion": emotion, "confidence": confidence, "scores": scores, "duration_s": 1.0, "model": "x"}
+
+
+def say(bot, sender, text, audio=None, channel="rest", emotion=None):
     body = {"sender": sender, "message": text}
     if audio is not None:
         body["metadata"] = {"audio": audio}
+    if emotion is not None:
+        body["metadata"] = {"emotion": emotion}
     r = httpx.post(bot["url"] + f"/webhooks/{channel}/webhook", json=body, timeout=60)
     assert r.status_code == 200
     return r.json()
@@ -80,19 +114,7 @@ def actions_run(t):
     return [e["name"] for e in t["events"] if e["event"] == "action"]
 
 
-@pytest.fixture
-def action_server(start_action_server, bot):
-    def start(model_dir, api=False):
-        env = {"EMOTION_MODEL": str(model_dir), "EMOTION_RULES": str(BOT / "emotion_rules.yml")}
-        if api:  # the same server again, answering the channel's analysis calls
-            start_action_server(env, port=bot["api_port"])
-        return start_action_server(env, port=bot["action_port"])
-
-    return start
-
-
-def test_angry_caller_at_0_9_is_handed_off_whatever_the_intent(bot, action_server, models):
-    action_server(models("angry90", angry=0.9))
+def test_angry_caller_at_0_9_is_handed_off_whatever_the_intent(bot):
     replies = say(bot, "caller-angry", "I want a refund", {"base64": b64(wav_bytes(2.0))})
     handoff = next(r["custom"]["handoff"] for r in replies if "custom" in r)
     assert handoff["emotion"] == "angry" and handoff["confidence"] == pytest.approx(0.9)
@@ -124,9 +146,8 @@ def test_angry_caller_at_0_9_is_handed_off_whatever_the_intent(bot, action_serve
     assert t["slots"]["emotion_error"].startswith("[decode_failed]") and t["paused"] is False
 
 
-def test_angry_caller_at_0_6_is_not_handed_off(bot, action_server, models):
-    action_server(models("angry60", angry=0.6))
-    replies = say(bot, "caller-mild", "I want to complain", {"base64": b64(wav_bytes(2.0))})
+def test_angry_caller_at_0_6_is_not_handed_off(bot):
+    replies = say(bot, "caller-mild", "I want to complain", emotion=result("angry", 0.6))
     assert [r.get("text") for r in replies] == ["I'm sorry to hear that. I'll make this a priority."]  # the angry variation
     t = tracker(bot, "caller-mild")
     assert t["paused"] is False and "action_handoff_to_human" not in actions_run(t)
@@ -134,13 +155,12 @@ def test_angry_caller_at_0_6_is_not_handed_off(bot, action_server, models):
     assert t["slots"]["escalate"] is False
 
 
-def test_voice_client_sends_a_turn(bot, action_server, models, tmp_path):
-    action_server(models("angry90", angry=0.9))
+def test_voice_client_sends_a_turn(bot, tmp_path):
     audio = tmp_path / "turn.wav"
     audio.write_bytes(wav_bytes(2.0))
     import sys
 
-    api = f"http://127.0.0.1:{bot['action_port']}/v1/analyze"
+    api = bot["actions"].url + "/v1/analyze"
     for via in ("api", "metadata"):
         sender = f"caller-client-{via}"
         proc = subprocess.run([sys.executable, "-m", "emotion", "send-turn", "--rasa", bot["url"], "--sender", sender, "--via", via,
@@ -152,11 +172,10 @@ def test_voice_client_sends_a_turn(bot, action_server, models, tmp_path):
         assert ("base64" in json.dumps(tracker(bot, sender))) is (via == "metadata")
 
 
-def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_server, models):
-    action_server(models("angry60", angry=0.6), api=True)
+def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot):
     wav = wav_bytes(5.7)
     sizes = []
-    closed_before = sockets_to(bot["api_port"]).count(TIME_WAIT)  # the server's readiness checks closed these
+    closed_before = sockets_to(bot["api"].port).count(TIME_WAIT)  # the server's readiness checks closed these
     for turn in range(20):
         replies = say(bot, "caller-channel", "I want to complain", {"base64": b64(wav)}, channel="emotion_rest")
         assert [r.get("text") for r in replies] == ["I'm sorry to hear that. I'll make this a priority."]
@@ -170,33 +189,33 @@ def test_audio_analysed_by_the_channel_never_enters_the_tracker(bot, action_serv
     per_turn = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
     assert per_turn < 5000, f"tracker grew {per_turn:.0f} bytes per turn"
     # The channel keeps its connection to the API: one per turn would leave 20 more in TIME_WAIT.
-    assert sockets_to(bot["api_port"]).count(TIME_WAIT) - closed_before <= 3  # an idle one may close (4 s)
+    assert sockets_to(bot["api"].port).count(TIME_WAIT) - closed_before <= 3  # an idle one may close (4 s)
 
 
-def test_an_angry_caller_through_the_channel_is_handed_off(bot, action_server, models):
-    action_server(models("angry90", angry=0.9), api=True)
-    replies = say(bot, "caller-channel-angry", "I want a refund", {"base64": b64(wav_bytes(2.0))}, channel="emotion_rest")
+def test_an_angry_caller_through_the_channel_is_handed_off(bot):
+    replies = say(bot, "caller-channel-angry", "I want a refund", {"base64": b64(wav_bytes(2.0))}, channel="emotion_rest_angry")
     assert next(r["custom"]["handoff"] for r in replies if "custom" in r)["emotion"] == "angry"
     assert tracker(bot, "caller-channel-angry")["paused"] is True
 
 
-def test_the_bot_answers_when_the_analysis_api_or_the_action_server_is_down(bot, action_server, models):
-    srv = action_server(models("angry90", angry=0.9))  # actions up, nothing on the API's port
-    for i in range(3):
-        replies = say(bot, "caller-no-api", "I want a refund", {"base64": b64(wav_bytes(1.0, seed=i))}, channel="emotion_rest")
+def test_the_bot_answers_when_the_analysis_api_or_the_action_server_is_down(bot):
+    for i in range(3):  # actions up, nothing on the API's port
+        replies = say(bot, "caller-no-api", "I want a refund", {"base64": b64(wav_bytes(1.0, seed=i))}, channel="emotion_rest_down")
         assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
         t = tracker(bot, "caller-no-api")
         assert t["slots"]["emotion_error"].startswith("[analysis_unavailable] the analysis API is unreachable")
         assert t["slots"]["emotion"] is None and t["paused"] is False
-    srv.stop()
-    replies = say(bot, "caller-nothing-up", "I want a refund", {"base64": b64(wav_bytes(1.0))}, channel="emotion_rest")
-    assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
+    bot["actions"].stop()
+    try:
+        replies = say(bot, "caller-nothing-up", "I want a refund", {"base64": b64(wav_bytes(1.0))}, channel="emotion_rest_down")
+        assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
+    finally:
+        bot["actions"].restart()  # the session's other tests go on with it
 
 
-def test_a_new_session_forgets_the_last_calls_cooldown(bot, action_server, models):
+def test_a_new_session_forgets_the_last_calls_cooldown(bot):
     """The example bot carries slots over to new sessions; yesterday's escalation must not
     hold today's angry caller in its cooldown."""
-    action_server(models("angry90", angry=0.9))
     say(bot, "caller-twice", "I want a refund", {"base64": b64(wav_bytes(1.0))})
     assert tracker(bot, "caller-twice")["paused"] is True
     # The agent hands the caller back; the caller calls again the next day.
@@ -212,10 +231,9 @@ def test_a_new_session_forgets_the_last_calls_cooldown(bot, action_server, model
     assert t["slots"]["emotion_history"] == [{"emotion": "angry", "confidence": 0.9, "escalated": "angry_caller"}]
 
 
-def test_replies_follow_the_callers_emotion(bot, action_server, models):
-    action_server(models("happy80", happy=0.8))
-    replies = say(bot, "caller-happy", "hello", {"base64": b64(wav_bytes(1.0))})
+def test_replies_follow_the_callers_emotion(bot):
+    replies = say(bot, "caller-happy", "hello", emotion=result("happy", 0.8))
     assert [r.get("text") for r in replies] == ["Glad to hear it! This is Acme support. How can I help?"]
-    replies = say(bot, "caller-happy", "I want to complain", {"base64": b64(wav_bytes(1.0))})
+    replies = say(bot, "caller-happy", "I want to complain", emotion=result("happy", 0.8))
     assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]  # happy: the plain one
     assert [r.get("text") for r in say(bot, "caller-typed-hello", "hello")] == ["Hello, this is Acme support. How can I help?"]

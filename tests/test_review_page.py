@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from conftest import ActionServer, wav_bytes
+from conftest import TOKEN, wav_bytes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium's own background traffic would be refused by a closed network; keep it quiet.
@@ -22,13 +22,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    rules = tmp_path_factory.mktemp("rules") / "rules.yml"
-    rules.write_text("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_confidence: 0.7\n")
-    srv = ActionServer({"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_RULES": str(rules),
-                        "EMOTION_API_TOKEN": "s3cret", "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))}).wait()
-    yield srv
-    srv.stop()
+def server(locked_server):
+    """The angry-0.9 model, the default rule (angry_caller at 0.7), the API behind a token."""
+    return locked_server
 
 
 def test_upload_shows_the_label_scores_and_timeline(browser, server, tmp_path):
@@ -36,7 +32,7 @@ def test_upload_shows_the_label_scores_and_timeline(browser, server, tmp_path):
     call.write_bytes(wav_bytes(12.0))
     page = browser.new_page()
     page.goto(server.url + "/ui")
-    page.fill("#token", "s3cret")
+    page.fill("#token", TOKEN)
     page.set_input_files("#file", str(call))
     page.wait_for_selector("#result:not([hidden])", timeout=30_000)
     assert page.inner_text("#label") == "angry" and page.inner_text("#confidence") == "confidence 0.90"
@@ -55,7 +51,7 @@ def test_a_text_file_shows_the_apis_error(browser, server, tmp_path):
     notes.write_text("this is not a recording")
     page = browser.new_page()
     page.goto(server.url + "/ui")
-    page.fill("#token", "s3cret")
+    page.fill("#token", TOKEN)
     page.set_input_files("#file", str(notes))
     page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
     assert page.inner_text("#error").startswith("notes.txt: could not decode audio")
@@ -72,8 +68,8 @@ def test_the_token_is_sent_and_required(browser, server, tmp_path):
     page.set_input_files("#file", str(call))  # no token typed
     page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
     assert "bearer token is required" in page.inner_text("#error")
-    page.fill("#token", "s3cret")
+    page.fill("#token", TOKEN)
     page.set_input_files("#file", [])
     page.set_input_files("#file", str(call))
     page.wait_for_selector("#result:not([hidden])", timeout=30_000)
-    assert sent == [None, "Bearer s3cret"]
+    assert sent == [None, f"Bearer {TOKEN}"]

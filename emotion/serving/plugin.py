@@ -68,8 +68,8 @@ class EmotionPlugin:
     def attach_sanic_app_extensions(self, app) -> None:
         try:
             app.register_listener(self._start_engine_process, "main_process_ready")
-        except SanicException:  # Sanic before 22.9 (rasa-sdk 3.6): no worker manager, a model per worker
-            pass
+        except (SanicException, KeyError):  # Sanic before 22.9 (rasa-sdk 3.6): no worker manager, a model per worker
+            pass  # 21.12 has no such event at all and answers KeyError
         else:
             app.register_listener(self._after_engine_process, "main_process_stop")
         app.register_listener(self._before_start, "before_server_start")
