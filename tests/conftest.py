@@ -134,15 +134,14 @@ class ActionServer:
         )
 
     def wait(self, ready: bool = True, timeout_s: float = 120.0) -> ActionServer:
+        """Until /ready answers (the model loaded, or failed to), or with ready=False /health."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"action server exited with {self.proc.returncode}; log: {self.log.name}")
             try:
                 r = httpx.get(self.url + ("/ready" if ready else "/health"), timeout=2)
-                if r.status_code == 200 or (not ready and r.status_code == 503):
-                    return self
-                if ready and r.json().get("error"):
+                if r.status_code == 200 or (not ready and r.status_code == 503) or (ready and r.json().get("error")):
                     return self
             except httpx.HTTPError:
                 pass
@@ -174,19 +173,33 @@ ALERT_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_c
 TOKEN = "s3cret"
 
 
+SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _servers_up(request):
+    """Starts every session server the selected tests use, all at once (a start is mostly
+    single-threaded imports, so two cores start two in the time of one), and waits for them."""
+    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    if "server" in wanted:
+        wanted |= {"server_newest", "server_sdk36"}
+    for server in [request.getfixturevalue(name) for name in SESSION_SERVERS if name in wanted]:
+        server.wait()
+
+
 @pytest.fixture(scope="session")
 def serve(tmp_path_factory):
-    """Starts action servers that stop when the session ends."""
+    """Starts action servers that stop when the session ends; _servers_up waits for them."""
     servers = []
     logs = tmp_path_factory.mktemp("logs")
 
-    def start(env: dict[str, str], sdk: str = "newest", ready: bool = True) -> ActionServer:
+    def start(env: dict[str, str], sdk: str = "newest") -> ActionServer:
         python = SDK_PYTHONS[sdk]
         if not Path(python).exists():
             pytest.fail(f"{python} is missing: scripts/setup.sh --test makes it")
         server = ActionServer({"_LOG_DIR": str(logs), **env}, python=python)
         servers.append(server)
-        return server.wait(ready=ready)
+        return server
 
     yield start
     for server in servers:
@@ -212,7 +225,7 @@ def server_sdk36(serve, models, audio_root):
 @pytest.fixture(scope="session", params=list(SDK_PYTHONS))
 def server(request):
     """The angry-0.9 action server, once on each rasa-sdk the project supports."""
-    return request.getfixturevalue("server_newest" if request.param == "newest" else "server_sdk36")
+    return request.getfixturevalue("server_newest" if request.param == "newest" else "server_sdk36").wait()
 
 
 @pytest.fixture(scope="session")
