@@ -1,6 +1,7 @@
 """What users install: the engine under `emotion`, never a top-level `actions`; a small public API."""
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -75,3 +76,24 @@ def test_the_layers_import_downwards_only_and_nothing_imports_in_a_cycle():
         return None
 
     assert [c for m in graph if (c := cycle_from(m, m, set()))] == []
+
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target), images included
+_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def test_readme_is_a_front_door_and_its_links_resolve():
+    """The README stays short and sends readers to docs/; no relative link in it or the manual is dead."""
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    assert "](docs/" in text
+    broken = []
+    for page in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in _LINK.findall(_FENCE.sub("", page.read_text(encoding="utf-8"))):
+            path = target.split("#", 1)[0]
+            if target.startswith(("http://", "https://", "mailto:")) or not path:
+                continue
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
