@@ -18,6 +18,10 @@
 
 from __future__ import annotations
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
 
 class EmotionError(Exception):
     code = "error"
@@ -86,3 +90,10 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def loggable(text, limit: int = 300) -> str:
+    """Caller-supplied text for a log line: one line (control characters escaped), bounded,
+    so nobody can forge log lines through a sender id or a gateway's error message."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    return text[:limit] + ("..." if len(text) > limit else "")

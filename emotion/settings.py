@@ -90,9 +90,14 @@ class Settings:
                                       env="EMOTION_RULES")
     history_turns: int = _setting(20, "rules", "Analysed turns kept in the `emotion_history` slot.", low=1, high=1000)
     # -- analysis API
-    api_token: str | None = _setting(None, "api", "Bearer token the analysis API requires; unset, the API is open to anyone who "
-                                     "reaches the port.")
+    api_token: str | None = _setting(None, "api", "Token the action server requires on `/webhook`, the analysis API and "
+                                     "`/metrics` (`Authorization: Bearer ...`, or Rasa's `action_endpoint: token`); unset, "
+                                     "they are open to anyone who reaches the port.")
     metrics: bool = _setting(True, "api", "Serve `/metrics` (Prometheus).")
+    max_upload_bytes_in_flight: int = _setting(256 * 1024 * 1024, "api", "Bytes of request bodies the analysis API holds at "
+                                               "once, arriving or waiting for their answer; past it a new upload gets "
+                                               "`overloaded` (503). A body must arrive within `EMOTION_TURN_TIMEOUT_S`.",
+                                               low=1024, high=2**40)
     # -- alerts
     alert_url: str | None = _setting(None, "alerts", "Where escalation alerts are POSTed (JSON); unset, none are sent.")
     alert_timeout_s: float = _setting(2.0, "alerts", "Time limit for one alert.", low=0.1, high=60)

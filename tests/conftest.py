@@ -230,8 +230,9 @@ def server(request):
 
 @pytest.fixture(scope="session")
 def locked_server(serve, models):
-    """The analysis API behind a token, with /metrics off."""
-    return serve({"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_API_TOKEN": TOKEN, "EMOTION_METRICS": "false"})
+    """Behind a token, with /metrics off, a 3 s turn limit and 1 MiB of uploads at once."""
+    return serve({"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_API_TOKEN": TOKEN, "EMOTION_METRICS": "false",
+                  "EMOTION_TURN_TIMEOUT_S": "3", "EMOTION_MAX_UPLOAD_BYTES_IN_FLIGHT": str(1024 * 1024)})
 
 
 @pytest.fixture(scope="session")

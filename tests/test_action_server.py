@@ -115,7 +115,7 @@ def test_concurrent_turns_are_all_answered(server):
 
 def test_metrics_are_exposed(server):
     text = httpx.get(server.url + "/metrics").text
-    assert 'emotion_turns_total{outcome="tagged"}' in text
+    assert 'emotion_turns_total{outcome="tagged",path="webhook"}' in text
     assert 'emotion_escalations_total{rule="angry_caller"}' in text
     assert "emotion_batch_size_bucket" in text and "emotion_stage_seconds_bucket" in text
     assert "emotion_model_ready 1.0" in text

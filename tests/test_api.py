@@ -156,7 +156,7 @@ def test_the_api_result_is_what_rasa_takes_as_metadata(server):
 
 def test_a_locked_down_server_the_token_the_predict_alias_and_no_metrics(locked_server):
     srv = locked_server
-    assert httpx.get(srv.url + "/metrics").status_code == 404
+    assert httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
     assert httpx.get(srv.url + "/ready").status_code == 200
     files = {"file": ("call.wav", wav_bytes(1.0), "audio/wav")}
     refused = httpx.post(srv.url + "/predict", files=files)

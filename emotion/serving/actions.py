@@ -15,7 +15,7 @@ from rasa_sdk.executor import CollectingDispatcher
 
 from emotion.engine.fetch import parse_audio_ref
 from emotion.engine.results import EmotionResult, result_from_metadata
-from emotion.errors import EmotionError
+from emotion.errors import EmotionError, loggable
 from emotion.rules import Turn, evaluate_rules
 from emotion.serving import metrics
 from emotion.serving.plugin import PLUGIN
@@ -44,7 +44,7 @@ class ActionAnalyzeEmotion(Action):
         message = tracker.latest_message or {}
         metadata = message.get("metadata") or {}
         if "emotion" not in metadata and "audio" not in metadata:
-            metrics.TURNS.labels("no_audio").inc()
+            metrics.record_turn("webhook", outcome="no_audio")
             return []
         try:
             engine = PLUGIN.engine
@@ -52,12 +52,12 @@ class ActionAnalyzeEmotion(Action):
                 result = result_from_metadata(metadata["emotion"], engine.labels)
             else:
                 result = await engine.analyze_ref(parse_audio_ref(metadata["audio"]))
+            return _tagged(tracker, message, result)
         except EmotionError as exc:
             return _failed(tracker, exc.code, exc.message)
         except Exception:  # a bug must cost this turn its tag, never the conversation
-            log.exception("conversation=%s emotion analysis crashed", tracker.sender_id)
+            log.exception("conversation=%s emotion analysis crashed", loggable(tracker.sender_id))
             return _failed(tracker, "internal", "internal error while analysing the audio")
-        return _tagged(tracker, message, result)
 
 
 def _tagged(tracker: Tracker, message: dict, result: EmotionResult) -> list[dict[str, Any]]:
@@ -76,13 +76,12 @@ def _tagged(tracker: Tracker, message: dict, result: EmotionResult) -> list[dict
                 **handoff_context(tracker, decision.reason, result.emotion, round(result.confidence, 4),
                                   [t.as_dict() for t in history[-config.history_turns :]]),
             })
-    metrics.TURNS.labels("tagged").inc()
-    metrics.record_timings(result.timings_ms)
+    metrics.record_turn("webhook", timings_ms=result.timings_ms)
     log.info(
         "conversation=%s emotion=%s confidence=%.3f duration_s=%.2f escalate=%s timings_ms=%s%s",
-        tracker.sender_id, result.emotion, result.confidence, result.duration_s, decision.rule,
+        loggable(tracker.sender_id), result.emotion, result.confidence, result.duration_s, decision.rule,
         {k: round(v, 1) for k, v in result.timings_ms.items()},
-        f" text={message.get('text')!r}" if config.log_text else "",
+        f" text={loggable(message.get('text'))}" if config.log_text else "",
     )
     return [
         SlotSet("emotion", result.emotion),
@@ -99,7 +98,7 @@ def session_history(tracker: Tracker) -> list:
     """``emotion_history`` as this session wrote it. Slots a bot carries over into a new
     session are set again right after ``session_started``, before the caller speaks; those
     belong to an earlier call, so this session's history starts empty."""
-    events = tracker.events or []
+    events = [e for e in tracker.events or [] if isinstance(e, dict)]
     starts = [i for i, e in enumerate(events) if e.get("event") == "session_started"]
     if not starts:  # no session events sent: trust the slot
         return tracker.get_slot("emotion_history") or []
@@ -114,7 +113,7 @@ def session_history(tracker: Tracker) -> list:
 
 def handoff_context(tracker: Tracker, reason, emotion, confidence, history) -> dict[str, Any]:
     """What a human agent (or a supervisor's alert) needs to pick up the call."""
-    user_texts = [e.get("text") for e in tracker.events if e.get("event") == "user" and e.get("text")]
+    user_texts = [e.get("text") for e in tracker.events or [] if isinstance(e, dict) and e.get("event") == "user" and e.get("text")]
     return {
         "conversation_id": tracker.sender_id,
         "reason": reason,
@@ -127,9 +126,9 @@ def handoff_context(tracker: Tracker, reason, emotion, confidence, history) -> d
 
 
 def _failed(tracker: Tracker, code: str, message: str) -> list[dict[str, Any]]:
-    metrics.TURNS.labels("error").inc()
-    metrics.ERRORS.labels(code).inc()
-    log.warning("conversation=%s emotion error [%s]: %s", tracker.sender_id, code, message)
+    metrics.record_turn("webhook", error_code=code)
+    # The code and message may be a gateway's (metadata.emotion.error): escaped, one line.
+    log.warning("conversation=%s emotion error [%s]: %s", loggable(tracker.sender_id), loggable(code), loggable(message))
     # A turn that was not analysed clears the tag and never escalates.
     return [
         SlotSet("emotion", None),
@@ -161,5 +160,5 @@ class ActionHandoffToHuman(Action):
         # stays in the handoff_context slot, where the transfer (a contact-centre
         # platform reading the tracker, or the channel's own transfer) picks it up.
         dispatcher.utter_message(response="utter_handoff")
-        log.info("conversation=%s handed off: %s", tracker.sender_id, context["reason"])
+        log.info("conversation=%s handed off: %s", loggable(tracker.sender_id), context["reason"])
         return [*events, ConversationPaused()]

@@ -7,7 +7,7 @@ the engine's micro-batcher with Rasa turns. Sanic only; no Rasa.
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import logging
 import time
@@ -21,6 +21,8 @@ from sanic.request import parse_multipart_form
 from emotion.engine.core import EmotionEngine
 from emotion.engine.fetch import parse_audio_ref, parse_channel
 from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable, Overloaded
+from emotion.serving import metrics
+from emotion.serving.http import error
 from emotion.settings import GRANULARITIES, Settings
 
 log = logging.getLogger(__name__)
@@ -28,16 +30,39 @@ log = logging.getLogger(__name__)
 # HTTP status per error code: bad input is 4xx, never a 500.
 STATUS = {
     "bad_request": 400, "bad_reference": 400, "decode_failed": 400, "invalid_audio": 400, "bad_config": 400,
-    "fetch_failed": 422, "refused": 403, "too_large": 413, "unauthorized": 401,
+    "fetch_failed": 422, "refused": 403, "too_large": 413, "unauthorized": 401, "request_timeout": 408,
     "model_unavailable": 503, "overloaded": 503, "timeout": 504, "inference_failed": 500, "internal": 500,
 }
 RETRY_AFTER_S = "5"
 # Room for multipart headers and form fields around the audio itself.
 _FORM_OVERHEAD_BYTES = 64 * 1024
+# Frame embeddings are frames x width numbers of JSON: 2M of them is ~40 MB, about 40 s of
+# plus_large's frames. Longer turns ask for segments, or the utterance embedding.
+MAX_FRAME_EMBEDDING_VALUES = 2 * 1024 * 1024
 
 
 class BadRequest(EmotionError):
     code = "bad_request"
+
+
+class RequestTimedOut(EmotionError):
+    code = "request_timeout"
+
+
+class _Uploads:
+    """Bytes of request bodies this process holds, being received or waiting for their
+    turn's answer: admission counts them, so stalled uploads cannot pile up memory."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def take(self, n: int, budget: int) -> None:
+        if self.held + n > budget:
+            raise Overloaded(f"the analysis API holds {self.held} bytes of uploads; the limit is {budget}")
+        self.held += n
+
+
+_UPLOADS = _Uploads()
 
 
 def add_routes(app, settings: Callable[[], tuple[EmotionEngine, Settings]]) -> None:
@@ -55,10 +80,9 @@ def add_routes(app, settings: Callable[[], tuple[EmotionEngine, Settings]]) -> N
 
 
 async def _answer(request, engine: EmotionEngine, config: Settings, handler):
+    path = "predict" if handler is _predict else "api"
+    held = 0
     try:
-        if config.api_token and not _authorized(request, config.api_token):
-            return error_response("unauthorized", "a bearer token is required (Authorization: Bearer ...)",
-                                  headers={"WWW-Authenticate": "Bearer"})
         if engine.error:
             raise ModelUnavailable(engine.error)
         if not engine.warm:
@@ -66,13 +90,19 @@ async def _answer(request, engine: EmotionEngine, config: Settings, handler):
         refused = engine.overload_reason
         if refused:  # before the body is read
             raise Overloaded(f"emotion engine is overloaded: {refused}")
-        body = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES)
-        return await handler(request, body, engine)
+        body, held = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES, config)
+        reply, result = await handler(request, body, engine)
+        metrics.record_turn(path, timings_ms=result.timings_ms)
+        return reply
     except EmotionError as exc:
+        metrics.record_turn(path, error_code=exc.code)
         return error_response(exc.code, exc.message)
     except Exception:  # a bug costs this request, never the server
         log.exception("analysis request crashed")
+        metrics.record_turn(path, error_code="internal")
         return error_response("internal", "internal error while analysing the audio")
+    finally:
+        _UPLOADS.held -= held
 
 
 def error_response(code: str, message: str, headers: dict | None = None):
@@ -80,39 +110,50 @@ def error_response(code: str, message: str, headers: dict | None = None):
     headers = dict(headers or {})
     if status == 503:
         headers["Retry-After"] = RETRY_AFTER_S
-    return response.json({"error": {"code": code, "message": message}}, status=status, headers=headers)
+    return error(status, code, message, headers)
 
 
-def _authorized(request, token: str) -> bool:
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
-
-
-async def _read_body(request, cap: int) -> bytes:
+async def _read_body(request, cap: int, config: Settings) -> tuple[bytes, int]:
+    """The body, read within the byte cap and the turn's time limit (a client that sends a
+    byte now and then does not hold a connection and its buffer for ever), and the bytes
+    it holds in the upload budget (the caller gives them back)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise AudioTooLarge(f"request body is {declared} bytes; the limit is {cap}")
+    budget = config.max_upload_bytes_in_flight
+    held = int(declared) if declared.isdigit() else 0
+    _UPLOADS.take(held, budget)
     chunks, total = [], 0
-    while True:
-        chunk = await request.stream.read()
-        if chunk is None:
-            break
-        total += len(chunk)
-        if total > cap:
-            raise AudioTooLarge(f"request body is over the {cap} byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    deadline = time.monotonic() + config.turn_timeout_s
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(request.stream.read(), deadline - time.monotonic())
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise RequestTimedOut(f"the request body did not arrive within {config.turn_timeout_s:g} s") from None
+            if chunk is None:
+                break
+            total += len(chunk)
+            if total > cap:
+                raise AudioTooLarge(f"request body is over the {cap} byte limit")
+            if total > held:  # no length declared, or more than declared
+                _UPLOADS.take(total - held, budget)
+                held = total
+            chunks.append(chunk)
+    except BaseException:
+        _UPLOADS.held -= held
+        raise
+    return b"".join(chunks), held
 
 
 async def _analyze(request, body: bytes, engine: EmotionEngine):
     kind = parse_content_header(request.headers.get("content-type", ""))[0].lower()
     if kind == "multipart/form-data":
-        fields, files = _form(request, body)
-        upload = files.get("audio_file")
-        if upload is None:
-            raise BadRequest("multipart requests carry the audio in the field 'audio_file'")
-        options = _options(fields)
+        fields, upload = _form(request, body, "audio_file")
+        clash = sorted(k for k, v in request.args.items() if k in fields and fields[k] != v[0])
+        if clash:
+            raise BadRequest(f"{', '.join(clash)} given both as form field and query parameter, with different values")
+        options = _options({**dict(request.args), **fields})
         result = await _analyze_bytes(engine, upload.body, options)
     elif kind == "application/json":
         try:
@@ -134,8 +175,13 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
     out["model"] = engine.config.model
     out["granularity"] = options["granularity"]
     if options["embedding"] and result.frame_embeddings is not None:
-        out["frame_embeddings"] = result.frame_embeddings.tolist()
-    return response.json(out)
+        if result.frame_embeddings.size > MAX_FRAME_EMBEDDING_VALUES:
+            raise AudioTooLarge(f"frame embeddings of this audio are {result.frame_embeddings.size} numbers; the limit is "
+                                f"{MAX_FRAME_EMBEDDING_VALUES}: ask for segment granularity or the utterance embedding")
+        out["frame_embeddings"] = result.frame_embeddings
+    # Off the event loop: a long turn's frames are megabytes of JSON.
+    body = await asyncio.to_thread(_json, out)
+    return response.raw(body, content_type="application/json"), result
 
 
 async def _analyze_bytes(engine: EmotionEngine, data: bytes, options: dict[str, Any]):
@@ -145,25 +191,32 @@ async def _analyze_bytes(engine: EmotionEngine, data: bytes, options: dict[str, 
 
 
 async def _predict(request, body: bytes, engine: EmotionEngine):
-    fields, files = _form(request, body)
-    upload = files.get("file")
-    if upload is None:
-        raise BadRequest("/predict takes a multipart upload in the field 'file'")
+    _fields, upload = _form(request, body, "file")
     result = await engine.analyze_bytes(upload.body)
     return response.json({"filename": upload.name, "emotion": result.emotion, "confidence": round(result.confidence, 6),
-                          "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                          "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}), result
 
 
-def _form(request, body: bytes):
-    _kind, params = parse_content_header(request.headers.get("content-type", ""))
-    boundary = params.get("boundary")
-    if not boundary:
-        raise BadRequest("multipart/form-data needs a boundary")
+def _json(out: dict) -> bytes:
+    frames = out.pop("frame_embeddings", None)
+    if frames is not None:
+        out["frame_embeddings"] = frames.tolist()
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def _form(request, body: bytes, field: str):
+    """The form fields and the uploaded file in ``field`` of a multipart/form-data body."""
+    kind, params = parse_content_header(request.headers.get("content-type", ""))
+    expected = f"send multipart/form-data with the audio file in the field {field!r}"
+    if kind.lower() != "multipart/form-data" or not params.get("boundary"):
+        raise BadRequest(f"{request.path} takes an upload: {expected}")
     try:
-        fields, files = parse_multipart_form(body, boundary.encode())
+        fields, files = parse_multipart_form(body, params["boundary"].encode())
     except Exception as exc:
-        raise BadRequest(f"malformed multipart body: {type(exc).__name__}") from None
-    return {k: v[0] for k, v in fields.items()}, {k: v[0] for k, v in files.items()}
+        raise BadRequest(f"malformed multipart body ({type(exc).__name__}): {expected}") from None
+    if field not in files:
+        raise BadRequest(f"no file in the field {field!r}: {expected}")
+    return {k: v[0] for k, v in fields.items()}, files[field][0]
 
 
 def _options(raw: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +235,7 @@ def _options(raw: dict[str, Any]) -> dict[str, Any]:
     if rate is not None:
         try:
             rate = int(rate)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
             raise BadReference(f"sample_rate {rate!r}: expected a whole number of Hz") from None
     return {"granularity": granularity, "embedding": embedding, "encoding": encoding, "sample_rate": rate,
             "channel": parse_channel(raw.get("channel"))}

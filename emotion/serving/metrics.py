@@ -14,15 +14,21 @@ from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-TURNS = Counter("emotion_turns_total", "User turns seen by action_analyze_emotion", ["outcome"])
-ERRORS = Counter("emotion_errors_total", "Turns that could not be analysed, by error code", ["code"])
+TURNS = Counter("emotion_turns_total", "Turns seen, by outcome and path (webhook, api, predict)", ["outcome", "path"])
+ERRORS = Counter("emotion_errors_total", "Turns that could not be analysed, by error code and path", ["code", "path"])
 ESCALATIONS = Counter("emotion_escalations_total", "Escalations, by the rule that fired", ["rule"])
-STAGE_SECONDS = Histogram("emotion_stage_seconds", "Time per stage of a turn", ["stage"], buckets=_LATENCY_BUCKETS)
+STAGE_SECONDS = Histogram("emotion_stage_seconds", "Time per stage of a turn", ["stage", "path"], buckets=_LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("emotion_batch_size", "Clips per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 BATCH_SECONDS = Histogram("emotion_batch_seconds", "Time per inference batch", buckets=_LATENCY_BUCKETS)
 ALERTS = Counter("emotion_alerts_total", "Escalation alerts to EMOTION_ALERT_URL, by outcome", ["outcome"])
 
-__all__ = ["CONTENT_TYPE_LATEST", "page", "record_batch", "record_timings"]
+# The codes a label may take: a code from elsewhere (metadata.emotion.error.code is the
+# gateway's word) counts as "upstream_error", so no caller can mint label values.
+ERROR_CODES = frozenset({"bad_reference", "refused", "fetch_failed", "too_large", "decode_failed", "invalid_audio",
+                         "model_unavailable", "inference_failed", "overloaded", "timeout", "bad_result", "bad_config",
+                         "bad_request", "unauthorized", "internal", "analysis_unavailable", "upstream_error"})
+
+__all__ = ["CONTENT_TYPE_LATEST", "page", "record_batch", "record_turn"]
 
 
 def page(status: dict) -> bytes:
@@ -52,6 +58,14 @@ def record_batch(size: int, seconds: float) -> None:
     BATCH_SECONDS.observe(seconds)
 
 
-def record_timings(timings_ms: dict[str, float]) -> None:
-    for stage, ms in timings_ms.items():
-        STAGE_SECONDS.labels(stage).observe(ms / 1000)
+def record_turn(path: str, *, timings_ms: dict[str, float] | None = None, error_code: str | None = None,
+                outcome: str | None = None) -> None:
+    """One turn on ``path``: tagged (with its stage timings), failed (with its code), or
+    ``outcome`` as given (no_audio)."""
+    if error_code is not None:
+        TURNS.labels("error", path).inc()
+        ERRORS.labels(error_code if error_code in ERROR_CODES else "upstream_error", path).inc()
+        return
+    TURNS.labels(outcome or "tagged", path).inc()
+    for stage, ms in (timings_ms or {}).items():
+        STAGE_SECONDS.labels(stage, path).observe(ms / 1000)

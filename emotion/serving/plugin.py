@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from sanic.exceptions import SanicException
 from emotion.engine.core import EmotionEngine
 from emotion.errors import ConfigError, EmotionError
 from emotion.rules import EscalationRule, load_rules
-from emotion.serving import api, engine_process, metrics
+from emotion.serving import api, engine_process, http, metrics
 from emotion.serving.alerts import AlertSender
 from emotion.serving.engine_process import ENGINE_SOCKET_ENV, EngineClient
 from emotion.settings import LABELS, Settings
@@ -78,6 +79,7 @@ class EmotionPlugin:
         app.add_route(self._metrics, "/metrics", methods=["GET"], name="emotion_metrics")
         app.add_route(self._review_page, "/ui", methods=["GET"], name="emotion_ui")
         api.add_routes(app, self.settings)
+        http.install(app, lambda: self.settings()[1])
 
     def settings(self) -> tuple[EmotionEngine, Settings]:
         engine = self.engine  # reads the settings on first use
@@ -104,6 +106,7 @@ class EmotionPlugin:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     async def _before_start(self, app, _loop) -> None:
+        _ensure_logging()
         try:
             engine = self.engine
         except ConfigError as exc:
@@ -122,8 +125,21 @@ class EmotionPlugin:
             except EmotionError as exc:
                 log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
                 raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
+            self._announce(engine)
         else:
-            app.add_task(engine.start_or_log(), name="emotion_load")
+            app.add_task(self._load(engine), name="emotion_load")
+
+    async def _load(self, engine: EmotionEngine) -> None:
+        await engine.start_or_log()
+        self._announce(engine)
+
+    @staticmethod
+    def _announce(engine: EmotionEngine) -> None:
+        status = engine.status()
+        if status["ready"]:
+            mode = "the engine process" if isinstance(engine, EngineClient) else "this process"
+            log.info("emotion model ready: %s on %s (%s) in %s, labels %s", status["model"], status["device"], status["dtype"],
+                     mode, ",".join(status["labels"] or ()))
 
     async def _after_stop(self, app, _loop) -> None:
         if self._engine is not None:
@@ -131,15 +147,22 @@ class EmotionPlugin:
         if self.alerts is not None:
             await self.alerts.close()
 
-    async def _ready(self, _request):
+    async def _ready(self, request):
         status = await self.engine.current_status()
+        if not http.authorized(request, self.config.api_token):  # an orchestrator's probe: ready or not, nothing more
+            status = {"ready": status["ready"]}
         return response.json(status, status=200 if status["ready"] else 503)
 
     async def _review_page(self, _request):
         self.settings()
         rules = [{"name": r.name, "emotions": sorted(r.emotions), "min_confidence": r.min_confidence} for r in self.rules]
-        page = REVIEW_PAGE.read_text(encoding="utf-8")
-        return response.html(page.replace("__RULES__", json.dumps(rules).replace("</", "<\\/")))
+        nonce = secrets.token_urlsafe(16)
+        page = REVIEW_PAGE.read_text(encoding="utf-8").replace("__NONCE__", nonce)
+        return response.html(page.replace("__RULES__", json.dumps(rules).replace("</", "<\\/")), headers={
+            "Content-Security-Policy": f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
+                                       "connect-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+                                       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     async def _metrics(self, _request):
         if not self.settings()[1].metrics:
@@ -155,6 +178,20 @@ async def _restart_engine_process(app) -> None:
             return
         await asyncio.sleep(0.1)
     log.error("emotion: the engine process %s did not end; not restarting it", name)
+
+
+def _ensure_logging() -> None:
+    """rasa-sdk configures logging in the process it starts, not in the Sanic workers it
+    spawns: there our INFO lines (the model is ready, each turn) went nowhere, and warnings
+    came out bare. Where nothing handles them, the package gets a handler of its own."""
+    root, ours = logging.getLogger(), logging.getLogger("emotion")
+    if root.handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s  - %(message)s"))
+    ours.addHandler(handler)
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
 
 
 def _restarts_engine_process(app) -> bool:
