@@ -256,6 +256,46 @@ def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
     assert len(seen) > 1 and all(sum(engine.model.tokens(int(s * 16000)) for s in batch) <= cap for batch in seen)
 
 
+def test_a_decode_past_its_time_limit_stops_its_thread(monkeypatch):
+    """The turn gets `timeout`, and the thread that decodes it stops at its next block
+    instead of decoding on for nobody: each block takes 50 ms here, the turn's 15 would
+    take 0.75 s, the limit is 0.2 s."""
+    import soundfile as sf
+
+    real_read, reads = sf.SoundFile.read, []
+
+    def slow_read(self, *args, **kwargs):
+        time.sleep(0.05)
+        reads.append(time.monotonic())
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", slow_read)
+    engine = EmotionEngine(Settings(device="cpu", warmup=False, decode_timeout_s=0.2))
+    real_decode, ended = engine.decode_sync, []
+
+    def decode(*args):
+        try:
+            return real_decode(*args)
+        except Exception as exc:
+            ended.append(exc)
+            raise
+
+    engine.decode_sync = decode
+    data = encode(speech_like(60.0), 16000, "WAV", "PCM_16")
+
+    async def main():
+        # The loop's timer usually answers first ("decoding took longer than 0.2 s"); when the
+        # thread's check between blocks wins the race, its own TimedOut is the answer.
+        with pytest.raises(TimedOut, match="decoding (took longer than 0.2 s|ran past its time limit)"):
+            await engine.analyze_bytes(data)
+        await asyncio.to_thread(engine._decoder.shutdown, wait=True)
+        await engine.close()
+
+    asyncio.run(main())
+    assert len(ended) == 1 and isinstance(ended[0], TimedOut), ended
+    assert len(reads) < 16  # 15 blocks and the read that finds the end
+
+
 def test_one_deadline_for_the_whole_turn(tiny_model, http_server):
     """Fetch, decode, load and inference share EMOTION_TURN_TIMEOUT_S: a slow audio URL
     within its own fetch limit still cannot hold the turn past the turn's limit."""

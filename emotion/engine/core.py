@@ -292,7 +292,10 @@ class EmotionEngine:
         with self._span("emotion.decode", bytes=len(data)):
             if self._decoder is None:
                 self._decoder = concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="emotion-decode")
-            job = asyncio.get_running_loop().run_in_executor(self._decoder, self._timed, "decode", self.decode_sync, data, encoding, sample_rate_hz, channel)
+            # The decoder stops at the same deadline, so a turn that timed out frees its thread.
+            stop_at = min(deadline, time.monotonic() + self.config.decode_timeout_s)
+            job = asyncio.get_running_loop().run_in_executor(self._decoder, self._timed, "decode", self.decode_sync, data, encoding,
+                                                             sample_rate_hz, channel, stop_at)
             wave = await self._stage(job, deadline, "decoding", self.config.decode_timeout_s)
         decoded = time.perf_counter()
         result = await self._analyze_wave(wave, granularity, embeddings, deadline)
@@ -300,8 +303,9 @@ class EmotionEngine:
         return result
 
     def decode_sync(self, data: bytes, encoding: str | None = None, sample_rate_hz: int | None = None,
-                    channel: int | None = None) -> np.ndarray:
-        """Decode within this engine's duration limits (in the calling thread)."""
+                    channel: int | None = None, deadline: float | None = None) -> np.ndarray:
+        """Decode within this engine's duration limits (in the calling thread), stopping at
+        ``deadline`` (a ``time.monotonic()`` value) if one is given."""
         return decode_audio(
             data,
             encoding=encoding,
@@ -309,6 +313,7 @@ class EmotionEngine:
             channel=channel,
             max_seconds=self.config.max_audio_seconds,
             min_seconds=self.config.min_audio_ms / 1000,
+            deadline=deadline,
         )
 
     async def _analyze_wave(self, wave: np.ndarray, granularity: str, embeddings: bool, deadline: float) -> EmotionResult:
