@@ -69,7 +69,8 @@ class Settings:
     turn_timeout_s: float = _setting(15.0, "batching", "One deadline for a turn: fetch, decode, the wait for a loading model and "
                                      "inference.", low=0.1, high=600)
     # -- audio
-    max_audio_seconds: float = _setting(300.0, "audio", "Longer audio is refused from its header.", low=0.1, high=24 * 3600)
+    max_audio_seconds: float = _setting(300.0, "audio", "Longer audio is refused from its header; so is audio of more than this "
+                                        "many seconds x 384,000 samples over all its channels.", low=0.1, high=24 * 3600)
     min_audio_ms: float = _setting(200.0, "audio", "Shorter audio is refused.", low=30, high=10_000)
     max_audio_bytes: int = _setting(16 * 1024 * 1024, "audio", "Byte cap for every kind of audio: uploads, URLs, paths, base64.",
                                     low=1024, high=2**31)
