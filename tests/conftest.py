@@ -33,6 +33,15 @@ def speech_like(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
     return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
+def loaded(settings, **hooks):
+    """An engine with emotion2vec in this process, loaded here in this thread."""
+    from emotion.engine.core import EmotionEngine
+
+    engine = EmotionEngine(settings, **hooks)
+    engine.backend.load()
+    return engine
+
+
 def wav_bytes(seconds: float = 2.0, sr: int = SR, seed: int = 0) -> bytes:
     return encode(speech_like(seconds, sr, seed), sr, "WAV", "PCM_16")
 

@@ -66,7 +66,7 @@ async def _answer(request, engine: EmotionEngine, config: Settings, handler):
         refused = engine.overload_reason
         if refused:  # before the body is read
             raise Overloaded(f"emotion engine is overloaded: {refused}")
-        body = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES)
+        body = await _read_body(request, engine.settings.max_audio_bytes + _FORM_OVERHEAD_BYTES)
         return await handler(request, body, engine)
     except EmotionError as exc:
         return error_response(exc.code, exc.message)
@@ -131,7 +131,7 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
         raise BadRequest(f"unsupported Content-Type {kind or 'none'!r}: send multipart/form-data, audio/*, "
                          "application/octet-stream or application/json")
     out = result.as_dict()
-    out["model"] = engine.config.model
+    out["model"] = engine.settings.model
     out["granularity"] = options["granularity"]
     if options["embedding"] and result.frame_embeddings is not None:
         out["frame_embeddings"] = result.frame_embeddings.tolist()
