@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from emotion.engine.audio import SAMPLE_RATE_HZ, encode_audio
+from emotion.engine.backend import InProcessBackend
 from emotion.engine.core import EmotionEngine
 from emotion.settings import Settings
 
@@ -66,8 +67,8 @@ def _run_bench(args: argparse.Namespace) -> dict:
 
             model_dir = str(write_checkpoint(Path(tmp) / args.size, size=args.size))
         config = Settings.from_env(model=model_dir, **{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k)})
-        engine = EmotionEngine(config).load()
-        model = engine.model
+        backend = InProcessBackend(config).load()
+        engine, model = EmotionEngine(config, backend=backend), backend.model
         clips = _clips(args)
         report = {
             "model": args.model or f"random-weight {args.size} checkpoint (real architecture, no accuracy)",
@@ -77,16 +78,16 @@ def _run_bench(args: argparse.Namespace) -> dict:
             "torch_threads": _torch_threads(),
             "clips": len(clips),
             "clip_seconds": [round(min(map(len, clips)) / SAMPLE_RATE_HZ, 2), round(max(map(len, clips)) / SAMPLE_RATE_HZ, 2)],
-            "max_batch_size": engine.max_batch_size,
+            "max_batch_size": backend.max_batch_size,
             "date": time.strftime("%Y-%m-%d"),
         }
         # FunASR's own model as loaded, fp32 and uncompiled: the baseline and the reference.
         plain = EmotionModel(model_dir, hub=config.hub, device=str(model.device), dtype="float32", compile="off")
         report["funasr_generate_baseline"] = _baseline(plain, clips[: args.baseline_clips])
-        report["engine"] = {str(c): asyncio.run(_engine_level(engine, clips, c)) for c in args.concurrency}
+        report["engine"] = {str(c): asyncio.run(_engine_level(engine, backend, clips, c)) for c in args.concurrency}
         best = max(level["clips_per_s"] for level in report["engine"].values())
         report["speedup_over_baseline"] = round(best / report["funasr_generate_baseline"]["clips_per_s"], 2)
-        report["recompiles_after_ready"] = engine.status()["graph_compiles_after_ready"]
+        report["recompiles_after_ready"] = asyncio.run(engine.status())["graph_compiles_after_ready"]
         if args.compare_fp32 and model.dtype_name != "float32":
             report["reduced_precision_vs_fp32"] = _compare_fp32(model, plain, args)
         if args.server_turns:
@@ -134,9 +135,9 @@ def _baseline(model, clips: list[np.ndarray]) -> dict:
     return out
 
 
-async def _engine_level(engine: EmotionEngine, clips: list[np.ndarray], concurrency: int) -> dict:
+async def _engine_level(engine: EmotionEngine, backend: InProcessBackend, clips: list[np.ndarray], concurrency: int) -> dict:
     """``concurrency`` conversations, each sending its next turn as soon as the last is tagged."""
-    engine.reset_stats()  # fresh batch statistics per level
+    backend.reset_stats()  # fresh batch statistics per level
     await engine.start()
     queue = list(range(len(clips)))
     latencies: list[float] = []
@@ -151,7 +152,7 @@ async def _engine_level(engine: EmotionEngine, clips: list[np.ndarray], concurre
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     out = _stats(latencies, clips, time.perf_counter() - started)
-    stats = engine.reset_stats()
+    stats = backend.reset_stats()
     await engine.close()
     out["batches"] = stats.batches
     out["mean_batch_size"] = round(stats.mean_batch_size, 1)

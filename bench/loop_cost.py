@@ -19,9 +19,10 @@ import time
 
 import numpy as np
 
+from emotion.engine.backend import InProcessBackend
 from emotion.engine.core import EmotionEngine
 from emotion.serving import engine_process
-from emotion.serving.engine_process import EngineClient
+from emotion.serving.engine_process import EngineProcessBackend
 from emotion.settings import Settings
 from emotion.tools.checkpoint import write_checkpoint
 
@@ -33,17 +34,22 @@ def _waves(seed: int) -> list[np.ndarray]:
     return [rng.standard_normal(int(s * 16_000)).astype(np.float32) for s in rng.uniform(1, 15, 16)]
 
 
-def _free_inference(engine: EmotionEngine) -> EmotionEngine:
-    one = engine.model.forward([np.zeros(16_000, np.float32)])[0]
-    engine.model.forward = lambda waves, **_: [one] * len(waves)
-    return engine
+def _free_inference(backend: InProcessBackend) -> InProcessBackend:
+    one = backend.model.forward([np.zeros(16_000, np.float32)])[0]
+    backend.model.forward = lambda waves, **_: [one] * len(waves)
+    return backend
 
 
 def _serve(path: str) -> None:
     """The engine process, as the action server starts it, with inference made free."""
-    load = EmotionEngine.load
-    EmotionEngine.load = lambda self: _free_inference(load(self))
+    load = InProcessBackend.load
+    InProcessBackend.load = lambda self: _free_inference(load(self))
     engine_process.serve(path)
+
+
+def _client(path: str) -> EmotionEngine:
+    """A worker's engine, as the action server builds it."""
+    return EmotionEngine(Settings(), backend=EngineProcessBackend(Settings(), path))
 
 
 async def _calls(engine: EmotionEngine, turns: int, waves: list[np.ndarray]) -> None:
@@ -56,7 +62,7 @@ async def _calls(engine: EmotionEngine, turns: int, waves: list[np.ndarray]) -> 
 
 def _worker(path: str, turns: int, started, done) -> None:
     async def main() -> None:
-        client = EngineClient(Settings(), path)
+        client = _client(path)
         await client.start()
         waves = _waves(os.getpid())
         done.put("ready")
@@ -70,8 +76,9 @@ def _worker(path: str, turns: int, started, done) -> None:
 
 
 def in_process(args, checkpoint: str) -> None:
-    engine = _free_inference(EmotionEngine(Settings(model=checkpoint, device="cpu", warmup=False,
-                                                        max_batch_size=args.batch)).load())
+    settings = Settings(model=checkpoint, device="cpu", warmup=False, max_batch_size=args.batch)
+    backend = _free_inference(InProcessBackend(settings).load())
+    engine = EmotionEngine(settings, backend=backend)
     waves = _waves(0)
 
     async def main() -> None:
@@ -80,7 +87,7 @@ def in_process(args, checkpoint: str) -> None:
             started = time.thread_time()
             await _calls(engine, args.turns, waves)
             print(f"event-loop CPU {(time.thread_time() - started) * 1000 / args.turns:.3f} ms a turn,"
-                  f" mean batch {engine.reset_stats().mean_batch_size:.1f}")
+                  f" mean batch {backend.reset_stats().mean_batch_size:.1f}")
         await engine.close()
 
     asyncio.run(main())
@@ -117,9 +124,9 @@ def through_engine_process(args, checkpoint: str, tmp: str) -> None:
 
 
 async def _engine_cpu(path: str) -> dict:
-    client = EngineClient(Settings(), path)
+    client = _client(path)
     await client.start()
-    status = await client.current_status()
+    status = await client.status()
     await client.close()
     return status["cpu_seconds"]
 

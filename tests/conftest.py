@@ -33,6 +33,15 @@ def speech_like(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
     return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
+def loaded(settings, **hooks):
+    """An engine with emotion2vec in this process, loaded here in this thread."""
+    from emotion.engine.core import EmotionEngine
+
+    engine = EmotionEngine(settings, **hooks)
+    engine.backend.load()
+    return engine
+
+
 def wav_bytes(seconds: float = 2.0, sr: int = SR, seed: int = 0) -> bytes:
     return encode(speech_like(seconds, sr, seed), sr, "WAV", "PCM_16")
 
@@ -173,7 +182,9 @@ ALERT_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_c
 TOKEN = "s3cret"
 
 
-SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server")
+SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server", "workers_server",
+                   "broken_workers_server")
+WORKERS = {"ACTION_SERVER_SANIC_WORKERS": "2"}  # two Sanic workers share an engine process
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -239,6 +250,17 @@ def locked_server(serve, models):
 def broken_server(serve, tmp_path_factory):
     """A server whose model directory does not exist: it serves, and says why it cannot tag."""
     return serve({"EMOTION_MODEL": str(tmp_path_factory.mktemp("empty") / "no-model-here")})
+
+
+@pytest.fixture(scope="session")
+def workers_server(serve, models, audio_root):
+    """The angry-0.9 server with two Sanic workers and the model in an engine process."""
+    return serve({**_angry_env(models, audio_root), **WORKERS})
+
+
+@pytest.fixture(scope="session")
+def broken_workers_server(serve, tmp_path_factory):
+    return serve({"EMOTION_MODEL": str(tmp_path_factory.mktemp("empty") / "no-model-here"), **WORKERS})
 
 
 @pytest.fixture(scope="session")

@@ -144,14 +144,14 @@ def test_concurrent_turns_through_the_batcher_match_one_by_one(tiny_model):
 
     async def main():
         results = await asyncio.gather(*(engine.analyze_wave(w) for w in waves))
-        stats = engine.stats
+        stats = engine.backend.stats
         await engine.close()
         return results, stats
 
     results, stats = asyncio.run(main())
     assert max(stats.sizes) > 1  # they really were batched
     for wave, result in zip(waves, results):
-        alone = engine.model.forward([wave])[0].probs
+        alone = engine.backend.model.forward([wave])[0].probs
         assert np.abs(np.array(list(result.scores.values())) - alone).max() < 1e-5
 
 

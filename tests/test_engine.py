@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import encode, speech_like
+from conftest import encode, loaded, speech_like
 
 from emotion.engine.core import EmotionEngine
 from emotion.engine.plan import split
@@ -15,7 +15,7 @@ from emotion.settings import Settings
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return EmotionEngine(Settings(model=str(tiny_model), device="cpu", window_seconds=10.0, warmup=False)).load()
+    return loaded(Settings(model=str(tiny_model), device="cpu", window_seconds=10.0, warmup=False))
 
 
 @pytest.mark.parametrize("n,size,hop,expected", [
@@ -37,11 +37,11 @@ def test_long_turn_is_windowed_and_aggregated(engine):
     wave = speech_like(25.0, seed=4)
     (result,) = engine.analyze_waves([wave], embeddings=True)
     windows = [wave[0:160_000], wave[160_000:320_000], wave[320_000:]]
-    outs = engine.model.forward(windows, embeddings=True)
+    outs = engine.backend.model.forward(windows, embeddings=True)
     frames = np.array([o.frames for o in outs])
     mean = (np.stack([o.embedding for o in outs]) * frames[:, None]).sum(0) / frames.sum()
     assert np.abs(result.embedding - mean).max() < 1e-5
-    expected = engine.model.head.probs(mean.astype(np.float32))
+    expected = engine.backend.model.head.probs(mean.astype(np.float32))
     assert np.abs(np.array(list(result.scores.values())) - expected).max() < 1e-5
     assert result.duration_s == 25.0
 
@@ -49,7 +49,7 @@ def test_long_turn_is_windowed_and_aggregated(engine):
 def test_turn_within_the_window_is_one_clip(engine):
     wave = speech_like(8.0, seed=5)
     (result,) = engine.analyze_waves([wave])
-    assert np.abs(np.array(list(result.scores.values())) - engine.model.forward([wave])[0].probs).max() < 1e-6
+    assert np.abs(np.array(list(result.scores.values())) - engine.backend.model.forward([wave])[0].probs).max() < 1e-6
 
 
 def test_segments_and_frames(engine):
@@ -62,8 +62,8 @@ def test_segments_and_frames(engine):
 
 def test_frame_embeddings_on_request(engine):
     (result,) = engine.analyze_waves([speech_like(2.0)], granularity="frame", embeddings=True)
-    assert result.frame_embeddings.shape == (99, engine.model.embed_dim)
-    assert result.embedding.shape == (engine.model.embed_dim,)
+    assert result.frame_embeddings.shape == (99, engine.backend.model.embed_dim)
+    assert result.embedding.shape == (engine.backend.model.embed_dim,)
 
 
 def test_unknown_granularity(engine):
@@ -79,8 +79,7 @@ def test_async_bytes_path_records_timings_and_spans(tiny_model):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False))
-    engine.tracer = provider.get_tracer("test")
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False), tracer=provider.get_tracer("test"))
 
     async def main():
         result = await engine.analyze_bytes(encode(speech_like(2.0, 8000), 8000, "WAV", "PCM_16"))
@@ -114,21 +113,25 @@ def test_cpu_seconds_by_thread_role(tiny_model):
     assert spent["decode"] > 0 and spent["inference"] > 0 and spent["event_loop"] > 0
     assert spent["process"] >= spent["decode"] + spent["inference"] + spent["event_loop"] - 0.01
     assert spent["event_loop"] < spent["decode"]  # decoding runs off the loop (~10x apart here)
-    assert engine.status()["cpu_seconds"]["decode"] == pytest.approx(after["decode"])
+    assert asyncio.run(engine.status())["cpu_seconds"]["decode"] == pytest.approx(after["decode"])
 
 
 def test_the_servers_engine_freezes_what_loading_left_on_the_heap(tiny_model):
     import gc
 
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False))
-    engine.freeze_heap = True
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False), freeze_heap=True)
+
+    async def main():
+        await engine.start()
+        await engine.close()
+
     try:
-        engine.load()
+        asyncio.run(main())
         assert gc.get_freeze_count() > 10_000  # the loaded model and its libraries
     finally:
         gc.unfreeze()
-    plain = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False)).load()
-    assert plain.model is not None and gc.get_freeze_count() == 0  # a library caller's heap is theirs
+    plain = loaded(Settings(model=str(tiny_model), device="cpu", warmup=False))
+    assert plain.backend.model is not None and gc.get_freeze_count() == 0  # a library caller's heap is theirs
 
 
 def test_inference_time_limit(tiny_model):
@@ -136,13 +139,13 @@ def test_inference_time_limit(tiny_model):
 
     async def main():
         await engine.start()
-        real = engine.model.forward
-        engine.model.forward = lambda *a, **k: (__import__("time").sleep(0.5), real(*a, **k))[1]
+        real = engine.backend.model.forward
+        engine.backend.model.forward = lambda *a, **k: (__import__("time").sleep(0.5), real(*a, **k))[1]
         try:
             with pytest.raises(TimedOut, match="ran past its 0.1 s limit while running inference"):
                 await engine.analyze_wave(speech_like(1.0))
         finally:
-            engine.model.forward = real
+            engine.backend.model.forward = real
             await engine.close()
 
     asyncio.run(main())
@@ -153,8 +156,7 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
     for batches over two clips, and for one clip longer than 5 s."""
     import torch
 
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=8, max_wait_ms=50))
-    engine.load()
+    engine = loaded(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=8, max_wait_ms=50))
 
     def flaky(real):
         def run(waves):
@@ -164,12 +166,12 @@ def test_out_of_memory_batches_are_retried_smaller_then_fail_alone(tiny_model):
 
         return run
 
-    engine.model._packed, engine.model._alone = flaky(engine.model._packed), flaky(engine.model._alone)
+    engine.backend.model._packed, engine.backend.model._alone = flaky(engine.backend.model._packed), flaky(engine.backend.model._alone)
     waves = [speech_like(1.0 + i % 3, seed=i) for i in range(6)] + [speech_like(6.0, seed=9)]
 
     async def main():
         out = await asyncio.gather(*(engine.analyze_wave(w) for w in waves), return_exceptions=True)
-        stats = engine.stats
+        stats = engine.backend.stats
         await engine.close()
         return out, stats
 
@@ -188,15 +190,15 @@ def test_warmup_runs_every_token_budget_a_batch_can_need(tiny_model, max_batch):
     from emotion.engine.model import TOKEN_BUDGETS, plan_pack
 
     config = Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=max_batch, window_seconds=30.0)
-    engine = EmotionEngine(config).load()
-    model = engine.model
+    engine = loaded(config)
+    model = engine.backend.model
     model.budgets = TOKEN_BUDGETS  # as on a GPU; the batches are recorded, not run
     budgets = []
     model.forward = lambda waves, **_: budgets.append(len(plan_pack(
         [len(w) for w in waves], frames=model.frames, stride=model.stride, receptive=model.frames_to_samples(1),
         extra=model.tokens(0), gap=model._gap, budgets=model.budgets).doc))
-    engine._warmup()
-    largest = min(engine._max_batch_cost, max_batch * model.tokens(30 * 16000))
+    engine.backend._warmup()
+    largest = min(engine.backend._max_batch_cost, max_batch * model.tokens(30 * 16000))
     needed = [b for i, b in enumerate(TOKEN_BUDGETS) if i == 0 or TOKEN_BUDGETS[i - 1] < largest]
     assert sorted(set(budgets)) == needed
     assert (max_batch == 64) == (32768 in needed)
@@ -217,26 +219,26 @@ def test_long_turns_are_aggregated_on_the_host_while_a_batch_runs(engine):
 
     from emotion.engine.plan import assemble, clips_for
 
-    x = np.random.default_rng(0).standard_normal((5, engine.model.embed_dim)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((5, engine.backend.model.embed_dim)).astype(np.float32)
     with torch.inference_mode():
-        expected = engine.model._probs(torch.from_numpy(x)).numpy()
-    assert np.abs(engine.model.head.probs(x) - expected).max() < 1e-6
+        expected = engine.backend.model._probs(torch.from_numpy(x)).numpy()
+    assert np.abs(engine.backend.model.head.probs(x) - expected).max() < 1e-6
 
     wave = speech_like(25.0, seed=4)
-    plan = engine._plan(len(wave), "utterance")
-    outputs = engine.model.forward([c.wave for c in clips_for(wave, plan, False)], embeddings=True)
-    with engine.model._lock:  # as while the inference thread runs a batch
-        result = assemble(plan, outputs, engine.model.head)
+    plan = engine.backend._plan(len(wave), "utterance")
+    outputs = engine.backend.model.forward([c.wave for c in clips_for(wave, plan, False)], embeddings=True)
+    with engine.backend.model._lock:  # as while the inference thread runs a batch
+        result = assemble(plan, outputs, engine.backend.model.head)
     (reference,) = engine.analyze_waves([wave])
     assert result.scores == pytest.approx(reference.scores, abs=1e-6)
 
 
 def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
     """Same plan, same cost cap, and a clip that fails fails only its own file."""
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=64,
-                                        max_batch_audio_seconds=12.0)).load()
+    engine = loaded(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=64,
+                             max_batch_audio_seconds=12.0))
     seen = []
-    real = engine.model.forward
+    real = engine.backend.model.forward
 
     def recording(waves, **kwargs):
         seen.append([len(w) / 16000 for w in waves])
@@ -244,7 +246,7 @@ def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
             raise RuntimeError("poisoned clip")
         return real(waves, **kwargs)
 
-    engine.model.forward = recording
+    engine.backend.model.forward = recording
     waves = [speech_like(s, seed=i) for i, s in enumerate([1.0, 1.5, 2.0, 4.0, 6.0, 1.2])]
     waves.insert(3, np.concatenate([speech_like(3.0, seed=9), np.zeros(7, np.float32)]))  # the poisoned one
     results = engine.analyze_waves(waves)
@@ -252,8 +254,8 @@ def test_analyze_waves_batches_like_the_micro_batcher(tiny_model):
 
     assert isinstance(results[3], InferenceFailed) and "poisoned" in results[3].message
     assert all(not isinstance(r, Exception) for i, r in enumerate(results) if i != 3)
-    cap = engine.model.tokens(12 * 16000)
-    assert len(seen) > 1 and all(sum(engine.model.tokens(int(s * 16000)) for s in batch) <= cap for batch in seen)
+    cap = engine.backend.model.tokens(12 * 16000)
+    assert len(seen) > 1 and all(sum(engine.backend.model.tokens(int(s * 16000)) for s in batch) <= cap for batch in seen)
 
 
 def test_a_decode_past_its_time_limit_stops_its_thread(monkeypatch):
@@ -326,8 +328,9 @@ def test_model_code_that_cannot_load_is_named(tiny_model, monkeypatch):
     from emotion.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match=r"torch .* is too old: .* needs torch >= 2.5"):
-        engine.load()
-    assert "too old" in engine.status()["error"] and engine.status()["ready"] is False
+        engine.backend.load()
+    status = asyncio.run(engine.status())
+    assert "too old" in status["error"] and status["ready"] is False
 
 
 def test_an_error_without_a_message_still_says_what_failed(engine, monkeypatch):
@@ -336,15 +339,15 @@ def test_an_error_without_a_message_still_says_what_failed(engine, monkeypatch):
     def empty(*args, **kwargs):
         raise RuntimeError("")
 
-    monkeypatch.setattr(engine.model.net, "extract_features", empty)
+    monkeypatch.setattr(engine.backend.model.net, "extract_features", empty)
     with pytest.raises(InferenceFailed, match="inference failed: RuntimeError"):
-        engine.model.forward([speech_like(1.0)])
+        engine.backend.model.forward([speech_like(1.0)])
 
 
 def test_label_subset_renormalises(models):
     model_dir = models("spread", angry=0.4, happy=0.2, neutral=0.1, sad=0.1)
-    full = EmotionEngine(Settings(model=str(model_dir), device="cpu", warmup=False)).load()
-    subset = EmotionEngine(Settings(model=str(model_dir), device="cpu", warmup=False, labels=("angry", "happy", "neutral", "sad"))).load()
+    full = loaded(Settings(model=str(model_dir), device="cpu", warmup=False))
+    subset = loaded(Settings(model=str(model_dir), device="cpu", warmup=False, labels=("angry", "happy", "neutral", "sad")))
     wave = speech_like(2.0)
     (a,), (b,) = full.analyze_waves([wave]), subset.analyze_waves([wave], granularity="segment")
     assert list(b.scores) == ["angry", "happy", "neutral", "sad"] and subset.labels == list(b.scores)
@@ -359,7 +362,7 @@ def test_label_subset_the_model_lacks(models):
 
     four = write_checkpoint(models("random").parent / "four", tokens=TOKENS[:4] + ["unuse_1", "<unk>"])
     with pytest.raises(ModelUnavailable, match=r"EMOTION_LABELS names \['sad'\], which this model lacks"):
-        EmotionEngine(Settings(model=str(four), device="cpu", warmup=False, labels=("angry", "sad"))).load()
+        loaded(Settings(model=str(four), device="cpu", warmup=False, labels=("angry", "sad")))
 
 
 def test_the_callers_channel_alone_is_scored(tiny_model):
@@ -383,24 +386,24 @@ def test_ready_counts_graphs_compiled_after_warm_up(tiny_model):
     """A graph compiled while serving stalls every call; /ready reports how many were."""
     import torch
 
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False)).load()
-    assert engine.status()["graph_compiles_after_ready"] == 0
+    engine = loaded(Settings(model=str(tiny_model), device="cpu", warmup=False))
+    assert asyncio.run(engine.status())["graph_compiles_after_ready"] == 0
     torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
-    assert engine.status()["graph_compiles_after_ready"] == 1
+    assert asyncio.run(engine.status())["graph_compiles_after_ready"] == 1
 
 
 def test_past_max_queue_a_turn_is_refused_before_its_audio_is_decoded(tiny_model):
     """Under overload the excess is answered at once, and the turns in progress finish."""
     from emotion.errors import Overloaded
 
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_turns_in_flight=2)).load()
-    real, decoded = engine.model.forward, []
+    engine = loaded(Settings(model=str(tiny_model), device="cpu", warmup=False, max_turns_in_flight=2))
+    real, decoded = engine.backend.model.forward, []
 
     def slow(waves, **kwargs):
         time.sleep(0.5)
         return real(waves, **kwargs)
 
-    engine.model.forward = slow
+    engine.backend.model.forward = slow
     engine.decode_sync = lambda data, *a: decoded.append(data) or speech_like(1.0)
 
     async def main():
@@ -425,10 +428,10 @@ def test_a_turn_whose_windows_overflow_the_queue_is_refused_whole(tiny_model):
     already queued never reach the model, and the next turn is served."""
     from emotion.errors import Overloaded
 
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_queued_clips=3,
-                                        window_seconds=1.0, segment_seconds=1.0, segment_hop_seconds=0.5)).load()
-    real, ran = engine.model.forward, []
-    engine.model.forward = lambda waves, **kwargs: ran.append(len(waves)) or real(waves, **kwargs)
+    engine = loaded(Settings(model=str(tiny_model), device="cpu", warmup=False, max_queued_clips=3,
+                             window_seconds=1.0, segment_seconds=1.0, segment_hop_seconds=0.5))
+    real, ran = engine.backend.model.forward, []
+    engine.backend.model.forward = lambda waves, **kwargs: ran.append(len(waves)) or real(waves, **kwargs)
 
     async def main():
         with pytest.raises(Overloaded, match="3 clips already waiting"):
@@ -448,15 +451,15 @@ def test_a_turn_that_would_finish_past_its_deadline_is_refused_at_once(tiny_mode
     EMOTION_TURN_TIMEOUT_S are answered `overloaded` on arrival, not with a timeout later."""
     from emotion.errors import Overloaded
 
-    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=1,
-                                        turn_timeout_s=2.0)).load()
-    real = engine.model.forward
+    engine = loaded(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=1,
+                             turn_timeout_s=2.0))
+    real = engine.backend.model.forward
 
     def slow(waves, **kwargs):
         time.sleep(0.2)
         return real(waves, **kwargs)
 
-    engine.model.forward = slow
+    engine.backend.model.forward = slow
     engine.decode_sync = lambda data, *a: speech_like(1.0)
 
     async def main():

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import b64, rasa_call, slot_events, speech_like, wav_bytes
+from conftest import b64, loaded, rasa_call, slot_events, speech_like, wav_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_action_server import (  # noqa: F401  (collected here again, on this module's server)
@@ -32,16 +32,17 @@ from test_action_server import (  # noqa: F401  (collected here again, on this m
 from test_api import test_frames_with_embeddings, test_multipart_upload  # noqa: F401  (again, through the engine process)
 
 from emotion.engine.core import EmotionEngine
-from emotion.serving import engine_process
-from emotion.serving.engine_process import EngineClient, _Channel, _SharedWaves
+from emotion.errors import Overloaded
+from emotion.serving import engine_process, plugin
+from emotion.serving.engine_process import EngineProcessBackend, _Channel, _SharedWaves
 from emotion.settings import Settings
 
 SERVER_ENV = {"ACTION_SERVER_SANIC_WORKERS": "2"}
 
 
 @pytest.fixture(scope="module")
-def server(angry_server):
-    return angry_server
+def server(workers_server):
+    return workers_server
 
 
 class Transport:
@@ -131,46 +132,238 @@ def test_shared_memory_never_hands_out_a_wave_still_in_flight(ops):
         shared.close()
 
 
-@pytest.mark.parametrize("mappable", [True, False])
-def test_waves_cross_in_shared_memory_and_score_as_sent(models, tmp_path, monkeypatch, caplog, mappable):
-    """An engine process's serving side and a worker's client, over a real Unix socket in
+def worker_engine(path: str, **settings) -> EmotionEngine:
+    """A Sanic worker's engine, as the plugin builds it."""
+    return EmotionEngine(Settings(**settings), backend=EngineProcessBackend(Settings(**settings), path))
+
+
+@pytest.mark.parametrize("memory", ["shared", "unmappable", "no memfd"])
+def test_waves_cross_in_shared_memory_and_score_as_sent(models, tmp_path, monkeypatch, caplog, memory):
+    """An engine process's serving side and a worker's engine, over a real Unix socket in
     this process. The shared memory holds 6 s of audio, so some of the 14 concurrent turns
     cross in it and the rest through the socket; all score as the engine scores them. Where
-    the engine process cannot map the worker's memory (a /proc it may not open: pid 0 here),
-    every turn crosses the socket."""
+    the engine process cannot map the worker's memory (here it finds less than was
+    offered), or the worker has none to offer, every turn crosses the socket."""
     monkeypatch.setattr(engine_process, "_SHARED_BYTES", 6 * 16_000 * 4)
-    if not mappable:
+    if memory == "unmappable":
         real = engine_process._map_shared
-        monkeypatch.setattr(engine_process, "_map_shared", lambda shared, pid, fd, size: real(shared, 0, fd, size))
+        monkeypatch.setattr(engine_process, "_map_shared", lambda fd, size: real(fd, size + 4096))
+    if memory == "no memfd":
+        monkeypatch.setattr(_SharedWaves, "create", classmethod(lambda cls, size=None: None))
     placed: list[int | None] = []
     put = _SharedWaves.put
     monkeypatch.setattr(_SharedWaves, "put", lambda self, wave: placed.append(put(self, wave)) or placed[-1])
-    engine = EmotionEngine(Settings(model=str(models("random")), device="cpu", max_batch_size=8, warmup=False)).load()
+    engine = loaded(Settings(model=str(models("random")), device="cpu", max_batch_size=8, warmup=False))
     waves = [speech_like(1.0 + i % 4, seed=i) for i in range(14)]
     expected = [r.scores for r in engine.analyze_waves(waves)]
     path = str(tmp_path / "engine.sock")
 
     async def main():
-        server = await asyncio.get_running_loop().create_unix_server(lambda: engine_process._serving(engine), path)
-        client = EngineClient(Settings(), path)
+        server = await engine_process.listen(engine, path)
+        client = worker_engine(path)
         await client.start()
         try:
             for _ in range(2):  # the second round reuses what the first released
                 results = await asyncio.gather(*(client.analyze_wave(w) for w in waves))
                 for result, scores in zip(results, expected):
                     assert result.scores == pytest.approx(scores, abs=1e-5)
-                assert client._shared.used == [] and client._lent == {}
+                assert client.backend._lent == {}
+                assert memory == "no memfd" or client.backend._shared.used == []
         finally:
             await client.close()
             server.close()
             await engine.close()
 
     asyncio.run(main())
-    if mappable:
+    if memory == "shared":
         assert len(placed) == 28 and 2 <= sum(p is not None for p in placed) < 28, placed
+        assert "waves go through the engine socket" not in caplog.text
     else:
         assert placed == []
-        assert "waves go through the engine socket: cannot map the worker's shared memory" in caplog.text
+    if memory == "unmappable":
+        assert "waves go through the engine socket: cannot map the worker's shared memory: an offer of" in caplog.text
+
+
+def raw_connection(path: str, offered_bytes: int = 0) -> socket.socket:
+    """A connection to the engine socket as a worker opens it, with no memory offered."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    sock.sendall(engine_process._OFFER.pack(engine_process._OFFER_TAG, offered_bytes))
+    return sock
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def serve_in_thread(engine: EmotionEngine, path: str):
+    """The engine process's listener on an event loop of its own thread; returns a stopper."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box = {}
+
+    async def main():
+        box["server"] = await engine_process.listen(engine, path)
+        started.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(main()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert started.wait(10)
+
+    def stop():
+        loop.call_soon_threadsafe(box["server"].close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+    return stop
+
+
+def test_a_peer_of_another_user_is_turned_away(tmp_path, monkeypatch, caplog):
+    """SO_PEERCRED: the kernel's record of who connected. Faked here as another user, the
+    connection is closed before its first message is read."""
+    monkeypatch.setattr(engine_process, "_peer_uid", lambda conn: os.getuid() + 1)
+    path = str(tmp_path / "engine.sock")
+    stop = serve_in_thread(EmotionEngine(Settings()), path)
+    try:
+        with raw_connection(path) as sock:
+            assert closed_by_peer(sock)
+    finally:
+        stop()
+    assert f"from uid {os.getuid() + 1}; this process runs as {os.getuid()}" in caplog.text
+
+
+def test_a_message_longer_than_any_request_closes_the_connection(tmp_path, caplog):
+    """The engine process allocates what a header declares: past twice the longest wave
+    the settings allow, it closes the connection instead."""
+    settings = Settings(max_audio_seconds=2.0)
+    cap = engine_process.max_request_bytes(settings)
+    assert cap == 2 * 2 * 16_000 * 4 + (1 << 20)
+    path = str(tmp_path / "engine.sock")
+    stop = serve_in_thread(EmotionEngine(settings), path)
+    try:
+        with raw_connection(path) as sock:
+            assert sock.recv(8) == engine_process._LENGTH.pack(0)  # answered: no memory to map
+            sock.sendall(engine_process._LENGTH.pack(cap + 1))
+            assert closed_by_peer(sock)
+    finally:
+        stop()
+    assert f"a message of {cap + 1} bytes on the engine socket (the limit is {cap}); closing the connection" in caplog.text
+
+
+def slowed(engine: EmotionEngine, seconds: float) -> EmotionEngine:
+    real = engine.backend.model.forward
+
+    def slow(waves, **kwargs):
+        time.sleep(seconds)
+        return real(waves, **kwargs)
+
+    engine.backend.model.forward = slow
+    return engine
+
+
+def test_a_worker_refuses_at_once_what_the_engine_process_could_not_finish(tiny_model, tmp_path):
+    """The engine process's answers carry its inference rate (here about 5 clips/s): a
+    worker refuses the turns that would finish past EMOTION_TURN_TIMEOUT_S on arrival,
+    before it decodes them, as one process does (test_engine's test of the same)."""
+    engine = slowed(loaded(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=1,
+                                    turn_timeout_s=60.0)), 0.2)  # it would take them all: the worker must refuse
+    path = str(tmp_path / "engine.sock")
+
+    async def main():
+        server = await engine_process.listen(engine, path)
+        worker = worker_engine(path, turn_timeout_s=2.0)
+        decoded = []
+        worker.decode_sync = lambda data, *a: decoded.append(data) or speech_like(1.0)
+        try:
+            await worker.start()
+            await worker.analyze_bytes(b"learn the rate")
+            started = time.monotonic()
+            turns = [asyncio.ensure_future(worker.analyze_bytes(b"turn")) for _ in range(20)]
+            await asyncio.sleep(0)
+            refused = [t for t in turns if t.done()]  # refused before their first await
+            refused_in = time.monotonic() - started
+            out = await asyncio.gather(*turns, return_exceptions=True)
+            return refused, refused_in, out, decoded
+        finally:
+            await worker.close()
+            server.close()
+            await engine.close()
+
+    refused, refused_in, out, decoded = asyncio.run(main())
+    overloaded = [r for r in out if isinstance(r, Overloaded)]
+    assert 5 <= 20 - len(overloaded) <= 12 and refused_in < 0.05  # about 5 clips/s x 2 s admitted
+    assert len(refused) == len(overloaded) and "past the 2 s turn limit" in overloaded[0].message
+    assert len(decoded) == 1 + 20 - len(overloaded)  # no refused turn was decoded
+    assert sum(not isinstance(r, Exception) for r in out) >= 5
+
+
+def test_a_worker_counts_the_other_workers_turns_in_the_engine_process(tiny_model, tmp_path):
+    """Two workers: while the first has eight turns in the engine process, the second
+    (with a 1 s turn limit) learns of them from the engine process's answer and refuses
+    its own turn at once, though it has none in progress itself."""
+    engine = slowed(loaded(Settings(model=str(tiny_model), device="cpu", warmup=False, max_batch_size=1,
+                                    turn_timeout_s=60.0)), 0.2)
+    path = str(tmp_path / "engine.sock")
+
+    async def main():
+        server = await engine_process.listen(engine, path)
+        first, second = worker_engine(path, turn_timeout_s=5.0), worker_engine(path, turn_timeout_s=1.0)
+        try:
+            for worker in (first, second):
+                await worker.start()
+                await worker.analyze_wave(speech_like(1.0))  # each learns the rate
+            assert second.overload_reason is None
+            busy = [asyncio.ensure_future(first.analyze_wave(speech_like(1.0, seed=i))) for i in range(8)]
+            await asyncio.sleep(0.3)
+            await second.status()
+            elsewhere = second.backend.backlog().turns_elsewhere
+            with pytest.raises(Overloaded, match="turns in progress would take"):
+                await second.analyze_wave(speech_like(1.0))
+            results = await asyncio.gather(*busy)
+            return elsewhere, results, second.turns_in_flight
+        finally:
+            for worker in (first, second):
+                await worker.close()
+            server.close()
+            await engine.close()
+
+    elsewhere, results, in_flight = asyncio.run(main())
+    assert 5 <= elsewhere <= 8 and in_flight == 0
+    assert all(r.emotion for r in results)
+
+
+def test_the_plugin_gives_a_worker_the_engine_process_backend_its_tracer_and_restarts(monkeypatch, tmp_path):
+    """Built as the worker starts, with what only the app knows then: rasa-sdk's tracer
+    provider, and whether this is the worker that restarts a lost engine process."""
+    from types import SimpleNamespace
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    monkeypatch.setenv(engine_process.ENGINE_SOCKET_ENV, str(tmp_path / "engine.sock"))
+    workers = {"Sanic-Server-0-0": {"server": True}, "Sanic-Server-1-0": {"server": True}, "Sanic-EmotionEngine-0": {}}
+    for name, restarts in (("Sanic-Server-0-0", True), ("Sanic-Server-1-0", False)):
+        app = SimpleNamespace(ctx=SimpleNamespace(tracer_provider=TracerProvider()), m=SimpleNamespace(name=name, workers=workers))
+        engine = plugin.EmotionPlugin()._build_engine(app)
+        assert isinstance(engine.backend, EngineProcessBackend) and engine.backend.path == str(tmp_path / "engine.sock")
+        assert engine.tracer is not None and engine.freeze_heap and engine.fetches_urls
+        assert (engine.backend._on_lost is not None) is restarts
+
+
+def test_restarting_an_engine_process_the_manager_no_longer_lists(caplog):
+    from types import SimpleNamespace
+
+    app = SimpleNamespace(m=SimpleNamespace(workers={"Sanic-Server-0-0": {"server": True}}))
+    asyncio.run(plugin._restart_engine_process(app))
+    assert "the engine process is not among the server's processes; not restarting it" in caplog.text
 
 
 def descendants(pid: int) -> list[int]:
@@ -226,7 +419,7 @@ def test_metrics_sum_every_worker_and_the_engine_process(server):
             found = re.search(pattern, text, re.M)
             return float(found.group(1)) if found else 0.0
 
-        return value(r'^emotion_turns_total\{outcome="tagged"\} (\S+)$'), value(r"^emotion_batch_size_count (\S+)$")
+        return value(r'^emotion_turns_total\{outcome="tagged",path="webhook"\} (\S+)$'), value(r"^emotion_batch_size_count (\S+)$")
 
     before = {counts() for _ in range(8)}
     assert len(before) == 1  # the same sums from whichever worker answers
@@ -257,8 +450,8 @@ def test_a_lost_engine_process_fails_turns_at_once_and_is_restarted(server):
     assert mapped(restarted).count("memfd:emotion-waves") == 2  # offered again on reconnecting
 
 
-def test_a_model_that_failed_to_load_in_the_engine_process(start_action_server, tmp_path):
-    srv = start_action_server({"EMOTION_MODEL": str(tmp_path / "no-model-here"), **SERVER_ENV})
+def test_a_model_that_failed_to_load_in_the_engine_process(broken_workers_server):
+    srv = broken_workers_server
     ready = httpx.get(srv.url + "/ready")
     assert ready.status_code == 503 and "no model directory" in ready.json()["error"]
     slots = slot_events(post(srv, rasa_call("c-1", {"audio": {"base64": b64(wav_bytes(1.0))}})))

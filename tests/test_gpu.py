@@ -9,9 +9,8 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from conftest import speech_like
+from conftest import loaded, speech_like
 
-from emotion.engine.core import EmotionEngine
 from emotion.engine.model import EmotionModel
 from emotion.settings import Settings
 
@@ -45,24 +44,24 @@ def test_auto_picks_the_gpu_and_a_reduced_precision(tiny_model):
 
 
 def test_engine_batches_on_the_gpu(tiny_model):
-    engine = EmotionEngine(Settings(model=str(tiny_model), max_wait_ms=20)).load()  # compiles while warming up
+    engine = loaded(Settings(model=str(tiny_model), max_wait_ms=20))  # compiles while warming up
     waves = [speech_like(1.0 + i % 5, seed=i) for i in range(40)]
 
     async def main():
         out = await asyncio.gather(*(engine.analyze_wave(w) for w in waves))
-        sizes = engine.stats.sizes
+        sizes = engine.backend.stats.sizes
         await engine.close()
         return out, sizes
 
     results, sizes = asyncio.run(main())
-    assert engine.max_batch_size == 64 and max(sizes) > 1
+    assert engine.backend.max_batch_size == 64 and max(sizes) > 1
     assert all(abs(sum(r.scores.values()) - 1) < 1e-3 for r in results)
 
 
 def test_no_graph_is_compiled_while_serving_random_lengths(tiny_model):
     """Warm-up runs every token budget, so turns of any length (0.2-300 s, cut into
     windows) compile no graph after the engine is ready, while callers wait."""
-    engine = EmotionEngine(Settings(model=str(tiny_model))).load()
+    engine = loaded(Settings(model=str(tiny_model)))
     rng = np.random.default_rng(0)
     lengths = list(rng.uniform(0.2, 300, 8)) + list(rng.uniform(0.2, 15, 200))
     waves = [speech_like(float(s), seed=i) for i, s in enumerate(lengths)]
@@ -74,5 +73,5 @@ def test_no_graph_is_compiled_while_serving_random_lengths(tiny_model):
 
     results = asyncio.run(main())
     assert all(abs(sum(r.scores.values()) - 1) < 1e-3 for r in results)
-    assert engine.stats.mean_batch_size > 1
-    assert engine.status()["graph_compiles_after_ready"] == 0
+    assert engine.backend.stats.mean_batch_size > 1
+    assert asyncio.run(engine.status())["graph_compiles_after_ready"] == 0

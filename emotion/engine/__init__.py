@@ -2,15 +2,17 @@
 
 One module per stage: ``fetch`` (audio references), ``audio`` (decoding), ``plan`` (a turn
 as clips and back), ``batching``, ``packing`` and ``model`` (torch and FunASR, nowhere
-else), ``results``, and ``core`` (the engine). Names load on first use, so the light
-modules (``results``) import without torch.
+else), ``results``, ``backend`` (where inference runs: the interface, and the model in this
+process), ``cpu`` (CPU time by thread role) and ``core`` (the engine). Names load on first
+use, so the light modules (``results``) import without torch.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"EmotionEngine": "emotion.engine.core", "EmotionResult": "emotion.engine.results", "Segment": "emotion.engine.results"}
+_EXPORTS = {"Backend": "emotion.engine.backend", "EmotionEngine": "emotion.engine.core", "EmotionResult": "emotion.engine.results",
+            "InProcessBackend": "emotion.engine.backend", "Segment": "emotion.engine.results"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,4 +1,4 @@
-"""The engine: audio reference → decoded clip → batched inference → EmotionResult."""
+"""The engine: audio reference → decoded clip → its backend's inference → EmotionResult."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from collections.abc import Awaitable, Sequence
 import numpy as np
 
 from emotion.engine.audio import SAMPLE_RATE_HZ, decode_audio
-from emotion.engine.batching import BatchStats, MicroBatcher, plan_batches, run_isolated
+from emotion.engine.backend import Backend, InProcessBackend
+from emotion.engine.cpu import cpu_seconds, timed
 from emotion.engine.fetch import AudioFetcher, AudioRef
-from emotion.engine.plan import Clip, Plan, assemble, clips_for, plan_turn
+from emotion.engine.plan import check_granularity, plan_turn
 from emotion.engine.results import EmotionResult, Segment
-from emotion.errors import EmotionError, ModelUnavailable, Overloaded, TimedOut, first_line
-from emotion.settings import LABELS, Settings
+from emotion.errors import EmotionError, Overloaded, TimedOut
+from emotion.settings import Settings
 
 __all__ = ["EmotionEngine", "EmotionResult", "Segment"]
 
@@ -28,68 +29,50 @@ log = logging.getLogger(__name__)
 
 
 class EmotionEngine:
-    """Loads emotion2vec once and serves analyses from any number of concurrent callers."""
+    """Serves analyses to any number of concurrent callers: admission, fetching, decoding
+    and one deadline per turn here, inference in ``backend`` (emotion2vec in this process
+    unless another is passed: see ``emotion.engine.backend``).
 
-    def __init__(self, config: Settings | None = None) -> None:
-        self.config = config or Settings()
-        self.model = None
-        self.error: str | None = None
-        self.warm = False
-        self._graphs_at_ready = 0
-        self._batcher: MicroBatcher | None = None
+    ``tracer``: an OpenTelemetry tracer for spans per stage. ``freeze_heap``: once the
+    backend has started, move everything on the heap out of the garbage collector's sight
+    (the action server's own processes; a library caller's heap is theirs).
+    ``fetches_urls``: build the URL fetcher at start (off in the engine process, which gets
+    decoded waves from its workers).
+    """
+
+    def __init__(self, settings: Settings | None = None, *, backend: Backend | None = None, tracer=None,
+                 freeze_heap: bool = False, fetches_urls: bool = True) -> None:
+        self.settings = settings or Settings()
+        self.backend: Backend = backend if backend is not None else InProcessBackend(self.settings)
+        self.tracer = tracer
+        self.freeze_heap = freeze_heap
+        self.fetches_urls = fetches_urls
         self._fetcher: AudioFetcher | None = None
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
-        self._loading: asyncio.Future | None = None
+        self._preparing: asyncio.Future | None = None
+        self._frozen = False
         self._turns = 0  # turns between arrival and result (fetching, decoding, waiting, running)
-        self._clips_per_s = 0.0  # inference rate over recent batches, for admission
-        self.on_batch = None  # metrics hook: (batch_size, seconds)
-        self.tracer = None  # an OpenTelemetry tracer, when the host has tracing configured
-        self.freeze_heap = False  # the action server's: see load()
-        self.fetches_urls = True  # not in the engine process: it gets waves, its workers fetch
-        self.stats = BatchStats()  # every batch run, by the micro-batcher or analyze_waves
-        # CPU seconds by thread role: what bounds one server process apart from the model.
-        self._cpu_s = {"decode": 0.0, "inference": 0.0}
-        self._cpu_lock = threading.Lock()
         self._loop_thread: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def load(self) -> EmotionEngine:
-        """Load and warm the model in this thread (CLI, benchmarks, tests)."""
-        try:
-            from emotion.engine.model import EmotionModel
-        except ImportError as exc:  # an old torch, or none: say which
-            self.error = f"cannot load the model code: {first_line(exc, 300)}"
-            raise ModelUnavailable(self.error) from exc
-        c = self.config
-        try:
-            self.model = EmotionModel(c.model, hub=c.hub, device=c.device, dtype=c.dtype, compile=c.compile, labels=c.labels)
-        except ModelUnavailable as exc:
-            self.error = exc.message
-            raise
-        if self.config.warmup:
-            self._warmup()
-        if self.fetches_urls:
-            self._build_fetcher()
-        if self.freeze_heap:
-            # torch, FunASR and the model leave ~500k objects that live as long as the process,
-            # and a full collection walks them all while holding the GIL: 0.4 s on a 2-core
-            # CPU, a stall for every conversation at once. Frozen, collections skip them.
-            gc.collect()
-            gc.freeze()
-        # A graph compiled while serving stalls every conversation: /ready counts them.
-        self._graphs_at_ready = self.model.compiled_graphs()
-        self.warm = True
-        log.info("emotion model %s ready on %s (%s), labels %s", self.config.model, self.model.device, self.model.dtype_name, self.model.labels)
-        return self
-
     async def start(self) -> None:
-        """Load in a worker thread (unless loaded already); concurrent callers share one load."""
-        if self.model is None or not self.warm:
-            if self._loading is None:
-                self._loading = asyncio.ensure_future(asyncio.to_thread(self.load))
-            await asyncio.shield(self._loading)
-        self._ensure_batcher()
+        """Start the backend (load the model, or reach the process that holds it); many
+        callers may wait on it at once. Raises ``ModelUnavailable`` while there is no model."""
+        self._loop_thread = threading.get_ident()
+        if self._preparing is None:  # beside the backend's start, not before it
+            self._preparing = asyncio.ensure_future(self._prepare())
+        try:
+            await self.backend.start()
+        finally:
+            if self.freeze_heap and not self._frozen:
+                self._frozen = True
+                # torch, FunASR and the model leave ~500k objects that live as long as the
+                # process, and a full collection walks them all while holding the GIL: 0.4 s
+                # on a 2-core CPU, a stall for every conversation at once. Frozen,
+                # collections skip them. Once the first start has ended, loaded or not.
+                await asyncio.to_thread(_freeze_heap)
+        await asyncio.shield(self._preparing)
 
     async def start_or_log(self) -> None:
         """``start()`` for a server: a failed load is logged, not raised; turns then get
@@ -99,137 +82,61 @@ class EmotionEngine:
         except EmotionError as exc:
             log.error("emotion model failed to load: %s", exc.message)
 
+    async def _prepare(self) -> None:
+        if self.fetches_urls:
+            await asyncio.to_thread(self._build_fetcher)
+
     def _build_fetcher(self) -> None:
-        # Built while loading, off the loop: building it (an SSL context) blocks ~50 ms. A
-        # URL turn that arrives first builds its own; the spare has no connection to leak.
-        fetcher = AudioFetcher(self.config)
+        # Built at start, off the loop: building it (an SSL context) blocks ~50 ms. A URL
+        # turn that arrives first builds its own; the spare has no connection to leak.
+        fetcher = AudioFetcher(self.settings)
         if self._fetcher is None:
             self._fetcher = fetcher
 
     async def close(self) -> None:
-        """Release what belongs to the running event loop; the model stays loaded, so the
-        engine can serve again from another loop (the benchmark's levels do)."""
-        if self._batcher is not None:
-            await self._batcher.close()
+        """Release what belongs to the running event loop; a model in this process stays
+        loaded, so the engine can serve again from another loop (the benchmark's levels do)."""
+        await self.backend.close()
         if self._fetcher is not None:
             await self._fetcher.aclose()
         if self._decoder is not None:
             self._decoder.shutdown(wait=False, cancel_futures=True)
-        self._batcher = self._fetcher = self._decoder = None
+        self._fetcher = self._decoder = self._preparing = None
 
     @property
-    def max_batch_size(self) -> int:
-        if self.config.max_batch_size:
-            return self.config.max_batch_size
-        return 64 if self.model is not None and self.model.device.type == "cuda" else 1
+    def warm(self) -> bool:
+        return self.backend.warm
 
-    def reset_stats(self) -> BatchStats:
-        """Start counting batches afresh (benchmark levels); returns the finished counts."""
-        done, self.stats = self.stats, BatchStats()
-        if self._batcher is not None:
-            self._batcher.stats = self.stats
-        return done
+    @property
+    def error(self) -> str | None:
+        return self.backend.error
 
     @property
     def labels(self) -> list[str]:
-        """The labels results speak: the loaded model's, or those it will have."""
-        if self.model is not None:
-            return list(self.model.labels)
-        return list(self.config.labels or LABELS)
+        """The labels results speak: the model's, or those it will have."""
+        return self.backend.labels
 
-    def status(self) -> dict:
-        model = self.model
-        return {
-            "ready": self.warm and self.error is None,
-            "model": self.config.model,
-            "device": str(model.device) if model else None,
-            "dtype": model.dtype_name if model else None,
-            "labels": model.labels if model else None,
-            "max_batch_size": self.max_batch_size if model else None,
-            "queue_depth": self._batcher.depth if self._batcher else 0,
-            "graph_compiles_after_ready": model.compiled_graphs() - self._graphs_at_ready if self.warm else None,
-            "cpu_seconds": self.cpu_seconds(),
-            "pid": os.getpid(),
-            "error": self.error,
-        }
+    @property
+    def turns_in_flight(self) -> int:
+        return self._turns
 
-    async def current_status(self) -> dict:
-        """``status()``, fresh from wherever the model runs (see engine_process)."""
-        return self.status()
+    async def status(self) -> dict:
+        """Readiness, the model and its queue (fresh from wherever it runs), and CPU time:
+        this process's by role, beside the engine process's where there is one."""
+        status = {"model": self.settings.model, **await self.backend.status()}
+        status["ready"] = bool(status.get("ready")) and self.warm and self.error is None
+        status["error"] = self.error or status.get("error")
+        status["cpu_seconds"] = {**self.cpu_seconds(), **status.get("cpu_seconds", {})}
+        status["turns_in_flight"] = self._turns
+        status["pid"] = os.getpid()
+        return status
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time this process has spent: in all (``process``, torch's own threads
         included), on the event loop that serves HTTP, in decoding and on the inference
         thread. The event loop's share per turn is what caps one server process: at
         1 ms a turn it is saturated at 1,000 turns/s whatever the GPU does."""
-        with self._cpu_lock:
-            out = {"process": time.process_time(), **self._cpu_s}
-        getclock = getattr(time, "pthread_getcpuclockid", None)  # not on macOS
-        if self._loop_thread is not None and getclock is not None:
-            with contextlib.suppress(OSError):  # the loop's thread has ended
-                out["event_loop"] = time.clock_gettime(getclock(self._loop_thread))
-        return {k: round(v, 4) for k, v in out.items()}
-
-    def _timed(self, role: str, fn, *args, **kwargs):
-        # Thread CPU time, not wall time: waiting for the GIL costs none (spinning on a CUDA
-        # sync does, and is counted).
-        started = time.thread_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent = time.thread_time() - started
-            with self._cpu_lock:
-                self._cpu_s[role] += spent
-
-    def _warmup(self) -> None:
-        # Typical turns; with token budgets (GPU) a batch for each budget a batch can need,
-        # since each is its own compiled graph, and compiling one while callers wait stalls
-        # every conversation for seconds (holding the GIL).
-        model, rng = self.model, np.random.default_rng(0)
-        shapes = [[1.0 * SAMPLE_RATE_HZ], [5.0 * SAMPLE_RATE_HZ]]
-        window = model.tokens(int(self.config.window_seconds * SAMPLE_RATE_HZ))
-        below = 0
-        for budget in model.budgets:
-            clips = min(self.max_batch_size, max(1, budget // 512))
-            tokens = min(min(budget, self._max_batch_cost) // clips - 1, window)
-            if clips * tokens > below:  # a batch can need this budget
-                shapes.append([model.frames_to_samples(tokens - model.tokens(0))] * clips)
-            below = budget
-        for lengths in shapes:
-            model.forward([rng.standard_normal(int(n)).astype(np.float32) * 0.1 for n in lengths])
-
-    @property
-    def _max_batch_cost(self) -> float:
-        """Tokens a batch may hold: the configured audio seconds, and the largest budget."""
-        cap = self.model.tokens(int(self.config.max_batch_audio_seconds * SAMPLE_RATE_HZ))
-        return min(cap, self.model.max_batch_tokens or cap)
-
-    def _ensure_batcher(self) -> MicroBatcher:
-        if self._batcher is None:
-            self._loop_thread = threading.get_ident()
-            self._batcher = MicroBatcher(
-                self._run_clips,
-                size=lambda clip: self.model.tokens(len(clip.wave)),
-                max_batch_size=self.max_batch_size,
-                max_wait_ms=self.config.max_wait_ms,
-                max_queue=self.config.max_queued_clips,
-                max_batch_cost=self._max_batch_cost,
-                on_batch=self._batch_done,
-            )
-            self._batcher.stats = self.stats
-        return self._batcher
-
-    def _batch_done(self, clips: int, seconds: float) -> None:
-        rate = clips / max(seconds, 1e-6)
-        self._clips_per_s = rate if not self._clips_per_s else 0.8 * self._clips_per_s + 0.2 * rate
-        if self.on_batch is not None:
-            self.on_batch(clips, seconds)
-
-    def _run_clips(self, clips: list[Clip]):
-        return self._timed(
-            "inference", self.model.forward, [c.wave for c in clips],
-            frames=any(c.frames for c in clips), embeddings=any(c.embeddings for c in clips),
-        )
+        return cpu_seconds(self._loop_thread)
 
     # -- analysis --------------------------------------------------------------------
     # One deadline per turn (EMOTION_TURN_TIMEOUT_S) covers fetch, decode, the wait for a
@@ -237,12 +144,12 @@ class EmotionEngine:
 
     async def analyze_ref(self, ref: AudioRef, *, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
         """Fetch, decode and analyse one turn's audio."""
-        deadline = time.monotonic() + self.config.turn_timeout_s
+        deadline = time.monotonic() + self.settings.turn_timeout_s
         if self._fetcher is None:
             self._build_fetcher()
         with self._admitted():
             started = time.perf_counter()
-            data = await self._stage(self._fetcher.fetch(ref), deadline, "fetching the audio", self.config.fetch_timeout_s * 2)
+            data = await self._stage(self._fetcher.fetch(ref), deadline, "fetching the audio", self.settings.fetch_timeout_s * 2)
             fetched = time.perf_counter()
             result = await self._analyze_bytes(data, ref.encoding, ref.sample_rate_hz, ref.channel, granularity, embeddings, deadline)
         result.timings_ms["fetch"] = (fetched - started) * 1000
@@ -250,20 +157,22 @@ class EmotionEngine:
 
     async def analyze_bytes(self, data: bytes, *, encoding: str | None = None, sample_rate_hz: int | None = None,
                             channel: int | None = None, granularity: str = "utterance", embeddings: bool = False) -> EmotionResult:
-        deadline = time.monotonic() + self.config.turn_timeout_s
+        deadline = time.monotonic() + self.settings.turn_timeout_s
         with self._admitted():
             return await self._analyze_bytes(data, encoding, sample_rate_hz, channel, granularity, embeddings, deadline)
 
     @property
     def overload_reason(self) -> str | None:
-        """Why a new turn would be refused now, or None: EMOTION_MAX_QUEUE turns in progress,
-        or so many that at the recent inference rate a new one would finish past the turn's
-        deadline anyway."""
-        if self._turns >= self.config.max_turns_in_flight:
+        """Why a new turn would be refused now, or None: EMOTION_MAX_TURNS_IN_FLIGHT turns in
+        progress, or so many (with those others have queued on the backend) that at its
+        recent inference rate a new one would finish past the turn's deadline anyway."""
+        if self._turns >= self.settings.max_turns_in_flight:
             return f"{self._turns} turns already in progress"
-        wait_s = (self._turns + 1) / self._clips_per_s if self._clips_per_s else 0.0
-        if wait_s > self.config.turn_timeout_s:
-            return f"{self._turns} turns in progress would take {wait_s:.1f} s, past the {self.config.turn_timeout_s:g} s turn limit"
+        rate, elsewhere = self.backend.backlog()
+        ahead = self._turns + elsewhere
+        wait_s = (ahead + 1) / rate if rate else 0.0
+        if wait_s > self.settings.turn_timeout_s:
+            return f"{ahead} turns in progress would take {wait_s:.1f} s, past the {self.settings.turn_timeout_s:g} s turn limit"
         return None
 
     @contextlib.contextmanager
@@ -283,7 +192,7 @@ class EmotionEngine:
     async def analyze_wave(self, wave: np.ndarray, *, granularity: str = "utterance", embeddings: bool = False,
                            timeout_s: float | None = None) -> EmotionResult:
         """Analyse a decoded 16 kHz wave within ``timeout_s`` (the turn limit by default)."""
-        deadline = time.monotonic() + (self.config.turn_timeout_s if timeout_s is None else timeout_s)
+        deadline = time.monotonic() + (self.settings.turn_timeout_s if timeout_s is None else timeout_s)
         with self._admitted():
             return await self._analyze_wave(wave, granularity, embeddings, deadline)
 
@@ -293,10 +202,10 @@ class EmotionEngine:
             if self._decoder is None:
                 self._decoder = concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="emotion-decode")
             # The decoder stops at the same deadline, so a turn that timed out frees its thread.
-            stop_at = min(deadline, time.monotonic() + self.config.decode_timeout_s)
-            job = asyncio.get_running_loop().run_in_executor(self._decoder, self._timed, "decode", self.decode_sync, data, encoding,
+            stop_at = min(deadline, time.monotonic() + self.settings.decode_timeout_s)
+            job = asyncio.get_running_loop().run_in_executor(self._decoder, timed, "decode", self.decode_sync, data, encoding,
                                                              sample_rate_hz, channel, stop_at)
-            wave = await self._stage(job, deadline, "decoding", self.config.decode_timeout_s)
+            wave = await self._stage(job, deadline, "decoding", self.settings.decode_timeout_s)
         decoded = time.perf_counter()
         result = await self._analyze_wave(wave, granularity, embeddings, deadline)
         result.timings_ms["decode"] = (decoded - started) * 1000
@@ -311,74 +220,63 @@ class EmotionEngine:
             encoding=encoding,
             sample_rate_hz=sample_rate_hz,
             channel=channel,
-            max_seconds=self.config.max_audio_seconds,
-            min_seconds=self.config.min_audio_ms / 1000,
+            max_seconds=self.settings.max_audio_seconds,
+            min_seconds=self.settings.min_audio_ms / 1000,
             deadline=deadline,
         )
 
     async def _analyze_wave(self, wave: np.ndarray, granularity: str, embeddings: bool, deadline: float) -> EmotionResult:
-        plan = self._plan(len(wave), granularity)
-        if not self.warm:  # once loaded, no task and timer a turn for it
+        check_granularity(granularity)  # before any wait: a bad request needs no model
+        if not self.warm:  # once started, no task and timer a turn for it
             await self._stage(self.start(), deadline, "waiting for the model to load")
         started = time.perf_counter()
-        batcher = self._ensure_batcher()
-        clips = clips_for(wave, plan, embeddings)
-        with self._span("emotion.inference", clips=len(clips), audio_seconds=round(len(wave) / SAMPLE_RATE_HZ, 3)):
-            left = deadline - time.monotonic()
-            futures: list[asyncio.Future] = []
-            try:
-                for clip in clips:
-                    futures.append(batcher.submit(clip, timeout_s=left))
-            except Overloaded:
-                for future in futures:  # queued already: the batcher skips what is cancelled
-                    future.cancel()
-                raise
-            # Most turns are one clip: its future awaited as it is saves a gathering
-            # future, 0.02 of the loop's 0.1 ms a turn (bench/loop_cost.py --batch 64).
-            job = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
-            outputs = await self._stage(job, deadline, "running inference")
-            if len(futures) == 1:
-                outputs = [outputs]
-        result = assemble(plan, outputs, self.model.head, embeddings=embeddings)
+        with self._span("emotion.inference", **self._inference_attributes(wave, granularity)):
+            job = self.backend.infer(wave, granularity=granularity, embeddings=embeddings, deadline=deadline)
+            result = await self._stage(job, deadline, "running inference")
         result.timings_ms["inference"] = (time.perf_counter() - started) * 1000
         return result
+
+    def _inference_attributes(self, wave: np.ndarray, granularity: str) -> dict:
+        if self.tracer is None:
+            return {}
+        s = self.settings
+        plan = plan_turn(len(wave), granularity, window_s=s.window_seconds, segment_s=s.segment_seconds,
+                         segment_hop_s=s.segment_hop_seconds)
+        return {"clips": len(plan.spans), "audio_seconds": round(len(wave) / SAMPLE_RATE_HZ, 3)}
 
     async def _stage(self, job: Awaitable, deadline: float, what: str, limit_s: float = float("inf")):
         budget = min(limit_s, deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(job, max(budget, 0.0))
+            return await _within(job, max(budget, 0.0))
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             if budget < limit_s:
-                raise TimedOut(f"the turn ran past its {self.config.turn_timeout_s:g} s limit while {what}") from None
+                raise TimedOut(f"the turn ran past its {self.settings.turn_timeout_s:g} s limit while {what}") from None
             raise TimedOut(f"{what} took longer than {limit_s:g} s") from None
 
     def analyze_waves(self, waves: Sequence[np.ndarray], *, granularity: str = "utterance",
                       embeddings: bool = False) -> list[EmotionResult | EmotionError]:
-        """Synchronous batch analysis (CLI, benchmarks), batched as the micro-batcher does:
-        same plan, same cost cap, and a clip that fails fails only its own wave."""
-        if self.model is None:
-            self.load()
-        plans = [self._plan(len(w), granularity) for w in waves]
-        clips = [c for wave, plan in zip(waves, plans) for c in clips_for(wave, plan, embeddings)]
-        outputs: list = [None] * len(clips)
-        sizes = [self.model.tokens(len(c.wave)) for c in clips]
-        for idx in plan_batches(sizes, max_batch_size=self.max_batch_size, max_cost=self._max_batch_cost):
-            for i, out in zip(idx, run_isolated(self._run_clips, [clips[i] for i in idx], self.stats)):
-                outputs[i] = out
-        results: list[EmotionResult | EmotionError] = []
-        pos = 0
-        for plan in plans:
-            mine = outputs[pos : pos + len(plan.spans)]
-            pos += len(plan.spans)
-            failed = next((o for o in mine if isinstance(o, EmotionError)), None)
-            results.append(failed or assemble(plan, mine, self.model.head, embeddings=embeddings))
-        return results
-
-    def _plan(self, samples: int, granularity: str) -> Plan:
-        c = self.config
-        return plan_turn(samples, granularity, window_s=c.window_seconds, segment_s=c.segment_seconds, segment_hop_s=c.segment_hop_seconds)
+        """Synchronous batch analysis in this thread (CLI, benchmarks), loading the model
+        first if need be: a result, or the error of that wave alone, per wave. It runs the
+        model here, so it needs the in-process backend."""
+        if not isinstance(self.backend, InProcessBackend):
+            raise TypeError(f"analyze_waves runs the model in this thread; {type(self.backend).__name__} runs it elsewhere")
+        return self.backend.infer_waves(waves, granularity=granularity, embeddings=embeddings)
 
     def _span(self, name: str, **attributes):
         if self.tracer is None:
             return contextlib.nullcontext()
         return self.tracer.start_as_current_span(name, attributes=attributes)
+
+
+async def _within(job: Awaitable, timeout_s: float):
+    # asyncio.timeout awaits the job in the caller's task; wait_for would wrap a coroutine
+    # (the backend's infer) in a task of its own, a third more event-loop time a turn.
+    if hasattr(asyncio, "timeout"):  # Python 3.11
+        async with asyncio.timeout(timeout_s):
+            return await job
+    return await asyncio.wait_for(job, timeout_s)
+
+
+def _freeze_heap() -> None:
+    gc.collect()
+    gc.freeze()

@@ -40,9 +40,13 @@ class Plan:
         return list(dict.fromkeys(self.windows + self.segments))
 
 
-def plan_turn(samples: int, granularity: str, *, window_s: float, segment_s: float, segment_hop_s: float) -> Plan:
+def check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+
+
+def plan_turn(samples: int, granularity: str, *, window_s: float, segment_s: float, segment_hop_s: float) -> Plan:
+    check_granularity(granularity)
     window = int(window_s * SAMPLE_RATE_HZ)
     segments = []
     if granularity == "segment":

@@ -90,7 +90,7 @@ async def _answer(request, engine: EmotionEngine, config: Settings, handler):
         refused = engine.overload_reason
         if refused:  # before the body is read
             raise Overloaded(f"emotion engine is overloaded: {refused}")
-        body, held = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES, config)
+        body, held = await _read_body(request, engine.settings.max_audio_bytes + _FORM_OVERHEAD_BYTES, config)
         reply, result = await handler(request, body, engine)
         metrics.record_turn(path, timings_ms=result.timings_ms)
         return reply
@@ -172,7 +172,7 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
         raise BadRequest(f"unsupported Content-Type {kind or 'none'!r}: send multipart/form-data, audio/*, "
                          "application/octet-stream or application/json")
     out = result.as_dict()
-    out["model"] = engine.config.model
+    out["model"] = engine.settings.model
     out["granularity"] = options["granularity"]
     if options["embedding"] and result.frame_embeddings is not None:
         if result.frame_embeddings.size > MAX_FRAME_EMBEDDING_VALUES:

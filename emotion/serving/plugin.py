@@ -19,12 +19,13 @@ from rasa_sdk.plugin import plugin_manager
 from sanic import response
 from sanic.exceptions import SanicException
 
+from emotion.engine.backend import Backend, InProcessBackend
 from emotion.engine.core import EmotionEngine
 from emotion.errors import ConfigError, EmotionError
 from emotion.rules import EscalationRule, load_rules
 from emotion.serving import api, engine_process, http, metrics
 from emotion.serving.alerts import AlertSender
-from emotion.serving.engine_process import ENGINE_SOCKET_ENV, EngineClient
+from emotion.serving.engine_process import ENGINE_SOCKET_ENV, EngineProcessBackend
 from emotion.settings import LABELS, Settings
 
 log = logging.getLogger(__name__)
@@ -49,21 +50,34 @@ class EmotionPlugin:
 
     @property
     def engine(self) -> EmotionEngine:
+        """This process's engine: built as the server starts (``_before_start``), or on
+        first use where no server started it."""
         if self._engine is None:
-            config = Settings.from_env()
-            self.rules = load_rules(config.rules_path, history_turns=config.history_turns, labels=config.labels or LABELS)
-            self.config = config
-            if config.alert_url:
-                self.alerts = AlertSender(config.alert_url, timeout_s=config.alert_timeout_s, retries=config.alert_retries,
-                                          on_outcome=lambda outcome: metrics.ALERTS.labels(outcome).inc())
-            path = os.environ.get(ENGINE_SOCKET_ENV)
-            if path:  # a Sanic worker, with the model in the engine process
-                self._engine = EngineClient(config, path)
-            else:
-                self._engine = EmotionEngine(config)
-                self._engine.on_batch = metrics.record_batch
-            self._engine.freeze_heap = True  # this process is the server's own
+            self._engine = self._build_engine()
         return self._engine
+
+    def _build_engine(self, app=None) -> EmotionEngine:
+        config = Settings.from_env()
+        self.rules = load_rules(config.rules_path, history_turns=config.history_turns, labels=config.labels or LABELS)
+        self.config = config
+        if config.alert_url:
+            self.alerts = AlertSender(config.alert_url, timeout_s=config.alert_timeout_s, retries=config.alert_retries,
+                                      on_outcome=lambda outcome: metrics.ALERTS.labels(outcome).inc())
+        tracer = None
+        # rasa-sdk builds its tracer provider from endpoints.yml in a listener before ours.
+        provider = getattr(app.ctx, "tracer_provider", None) if app is not None else None
+        if provider is not None:
+            tracer = provider.get_tracer("emotion")
+        backend: Backend
+        path = os.environ.get(ENGINE_SOCKET_ENV)
+        if path:  # a Sanic worker, with the model in the engine process
+            on_lost = None
+            if app is not None and _restarts_engine_process(app):
+                on_lost = lambda: app.add_task(_restart_engine_process(app))  # noqa: E731
+            backend = EngineProcessBackend(config, path, on_lost=on_lost)
+        else:
+            backend = InProcessBackend(config, on_batch=metrics.record_batch)
+        return EmotionEngine(config, backend=backend, tracer=tracer, freeze_heap=True)  # this process is the server's own
 
     @_hookimpl
     def attach_sanic_app_extensions(self, app) -> None:
@@ -108,36 +122,34 @@ class EmotionPlugin:
     async def _before_start(self, app, _loop) -> None:
         _ensure_logging()
         try:
-            engine = self.engine
+            # Built here, where the app says what the engine needs: rasa-sdk's tracer
+            # provider, and which worker restarts a lost engine process.
+            if self._engine is None:
+                self._engine = self._build_engine(app)
+            engine = self._engine
         except ConfigError as exc:
             # Settings and rules are the operator's: refuse to start rather than run with a guess.
             log.critical("invalid emotion configuration: %s", exc.message)
             raise RuntimeError(f"invalid emotion configuration: {exc.message}") from None
-        # rasa-sdk builds its tracer provider from endpoints.yml in an earlier listener.
-        provider = getattr(app.ctx, "tracer_provider", None)
-        if provider is not None:
-            engine.tracer = provider.get_tracer("emotion")
-        if isinstance(engine, EngineClient) and _restarts_engine_process(app):
-            engine.on_lost = lambda: app.add_task(_restart_engine_process(app))
         if self.config.fail_fast:
             try:
                 await engine.start()
             except EmotionError as exc:
                 log.critical("emotion model failed to load, stopping (EMOTION_FAIL_FAST): %s", exc.message)
                 raise RuntimeError(f"EMOTION_FAIL_FAST: {exc.message}") from None
-            self._announce(engine)
+            await self._announce(engine)
         else:
             app.add_task(self._load(engine), name="emotion_load")
 
     async def _load(self, engine: EmotionEngine) -> None:
         await engine.start_or_log()
-        self._announce(engine)
+        await self._announce(engine)
 
     @staticmethod
-    def _announce(engine: EmotionEngine) -> None:
-        status = engine.status()
+    async def _announce(engine: EmotionEngine) -> None:
+        status = await engine.status()
         if status["ready"]:
-            mode = "the engine process" if isinstance(engine, EngineClient) else "this process"
+            mode = "the engine process" if status.get("engine_process") else "this process"
             log.info("emotion model ready: %s on %s (%s) in %s, labels %s", status["model"], status["device"], status["dtype"],
                      mode, ",".join(status["labels"] or ()))
 
@@ -148,7 +160,7 @@ class EmotionPlugin:
             await self.alerts.close()
 
     async def _ready(self, request):
-        status = await self.engine.current_status()
+        status = await self.engine.status()
         if not http.authorized(request, self.config.api_token):  # an orchestrator's probe: ready or not, nothing more
             status = {"ready": status["ready"]}
         return response.json(status, status=200 if status["ready"] else 503)
@@ -167,13 +179,16 @@ class EmotionPlugin:
     async def _metrics(self, _request):
         if not self.settings()[1].metrics:
             return response.json({"error": "metrics are off (EMOTION_METRICS=false)"}, status=404)
-        return response.raw(metrics.page(await self.engine.current_status()), content_type=metrics.CONTENT_TYPE_LATEST)
+        return response.raw(metrics.page(await self.engine.status()), content_type=metrics.CONTENT_TYPE_LATEST)
 
 
 async def _restart_engine_process(app) -> None:
-    name = next(name for name in app.m.workers if ENGINE_PROCESS in name)
+    name = next((name for name in app.m.workers if ENGINE_PROCESS in name), None)
+    if name is None:  # the worker manager no longer lists it (the server is stopping)
+        log.error("emotion: the engine process is not among the server's processes; not restarting it")
+        return
     for _ in range(100):  # Sanic restarts only what its manager has seen end
-        if app.m.workers[name].get("state") in ("FAILED", "COMPLETED"):
+        if app.m.workers.get(name, {}).get("state") in ("FAILED", "COMPLETED"):
             app.m.restart(name=name)
             return
         await asyncio.sleep(0.1)

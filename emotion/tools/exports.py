@@ -76,9 +76,7 @@ def analyze_files(engine, files: list[str], *, encoding=None, sample_rate=None, 
                 answers[name] = {"code": "fetch_failed", "message": f"cannot read file: {exc.strerror}"}
             except EmotionError as exc:
                 answers[name] = exc.as_dict()
-        if waves:
-            if engine.model is None:
-                engine.load()  # only once a file decodes
+        if waves:  # the model loads at the first batch: only once a file decodes
             for name, result in zip(waves, engine.analyze_waves(list(waves.values()), granularity=granularity, embeddings=embeddings)):
                 answers[name] = result.as_dict() if isinstance(result, EmotionError) else result
         for name in chunk:
