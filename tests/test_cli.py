@@ -1,5 +1,6 @@
 """``python -m emotion``: analyze (text, JSON, plots), make-checkpoint, and a small benchmark run."""
 
+import io
 import json
 import subprocess
 import sys
@@ -17,10 +18,16 @@ def cli(*args, timeout=300):
 
 def run_main(capsys, *args):
     """The CLI in this process (no subprocess needed to test its outputs)."""
+    code, out, _err = run_main_with_stderr(capsys, *args)
+    return code, out
+
+
+def run_main_with_stderr(capsys, *args):
     from emotion.tools.cli import main
 
     code = main([str(a) for a in args])
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +60,29 @@ def test_analyze_text_output_and_success_exit(files, models):
     proc = cli("analyze", files / "a.wav", "--model", models("angry90", angry=0.9))
     assert proc.returncode == 0
     assert proc.stdout.startswith(f"{files / 'a.wav'}: angry 0.90")
+    assert proc.stderr == ""
+
+
+def test_json_output_is_one_line_and_the_model_libraries_say_nothing(files, models):
+    """FunASR prints an ffmpeg notice and its version on import and logs trust_remote_code on
+    the root logger per load; none of it may reach stdout (the JSON) or stderr (our messages)."""
+    proc = cli("analyze", files / "a.wav", "--model", models("angry90", angry=0.9), "--json")
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    (line,) = proc.stdout.splitlines()
+    assert json.loads(line)["emotion"] == "angry"
+
+
+def test_a_model_that_fails_to_load_says_why_and_nothing_else(files, models, tmp_path, capsys):
+    """Our error stays visible while FunASR's output during the load is held back."""
+    import shutil
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(models("angry90", angry=0.9), broken)
+    (broken / "model.pt").unlink()
+    code, out, err = run_main_with_stderr(capsys, "analyze", files / "a.wav", "--model", broken)
+    assert code == 2 and out == ""
+    assert err == f"error [model_unavailable]: could not load model '{broken}': AssertionError: init_param does not exist\n"
 
 
 def test_analyze_headerless_telephony(files, models, capsys):
@@ -107,9 +137,9 @@ def test_csv_and_npy_exports_match_the_json(files, models, tmp_path, capsys):
             continue
         assert row["emotion"] == line["emotion"] and float(row["confidence"]) == pytest.approx(line["confidence"], abs=1e-6)
         assert {k: float(row[k]) for k in LABELS} == pytest.approx(line["scores"], abs=1e-6)
-        saved = np.load(tmp_path / "npy" / (Path(line["file"]).stem + ".npy"))
+        saved = np.load(tmp_path / "npy" / (Path(line["file"]).name + ".npy"))
         assert saved.shape == (32,) and np.abs(saved - np.array(line["embedding"])).max() < 1e-6
-    assert not (tmp_path / "npy" / "bad.npy").exists()
+    assert sorted(p.name for p in (tmp_path / "npy").iterdir()) == ["a.wav.npy", "b.flac.npy"]
 
 
 def test_csv_per_segment_and_frame_embeddings(files, models, tmp_path, capsys):
@@ -126,7 +156,7 @@ def test_csv_per_segment_and_frame_embeddings(files, models, tmp_path, capsys):
         (s["start_s"], s["end_s"], s["emotion"]) for s in segments]
     code, _ = run_main(capsys, "analyze", files / "a.wav", "--model", models("random"), "--granularity", "frame",
                        "--embeddings-out", tmp_path / "frames")
-    assert code == 0 and np.load(tmp_path / "frames" / "a.npy").shape == (99, 32)
+    assert code == 0 and np.load(tmp_path / "frames" / "a.wav.npy").shape == (99, 32)
 
 
 def test_evaluate_gives_the_exact_confusion_matrix_of_a_hand_set_head(models, tmp_path, capsys):
@@ -145,11 +175,19 @@ def test_evaluate_gives_the_exact_confusion_matrix_of_a_hand_set_head(models, tm
     assert report["accuracy"] == 0.5 and report["unweighted_average_recall"] == pytest.approx(1 / 3, abs=1e-4)
     assert report["per_class"]["angry"] == {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 3}
     assert report["failed"] == {"decode_failed": 1, "unknown_label": 1}
+    broken, unknown = report["failed_files"]
+    assert broken["message"].startswith("could not decode audio")
+    assert broken == {"file": str(tmp_path / "broken.wav"), "line": 8, "code": "decode_failed", "message": broken["message"]}
+    assert unknown == {"file": str(tmp_path / "a1.wav"), "line": 9, "code": "unknown_label",
+                       "message": "label 'xxx' is not one of ours; map it with --map"}
     assert (tmp_path / "cm.png").stat().st_size > 1000
-    code, text = run_main(capsys, "evaluate", tmp_path / "labels.csv", "--model", models("angry90", angry=0.9),
-                          "--map", "angry=ang,happy=hap")
+    code, text, err = run_main_with_stderr(capsys, "evaluate", tmp_path / "labels.csv", "--model", models("angry90", angry=0.9),
+                                           "--map", "angry=ang,happy=hap")
     assert "accuracy: 0.5000   unweighted average recall: 0.3333" in text
     assert text.splitlines()[-3].split() == ["angry", "3", "0", "0"]
+    assert "files scored: 6, failed: 2" in text
+    assert err.splitlines() == [f"{tmp_path / 'broken.wav'}: error [decode_failed] {broken['message']}",
+                                f"{tmp_path / 'a1.wav'}: error [unknown_label] label 'xxx' is not one of ours; map it with --map"]
 
 
 def test_send_turn_to_servers_that_are_not_there_or_not_rasa(files, http_server, capsys):
@@ -166,3 +204,122 @@ def test_send_turn_to_servers_that_are_not_there_or_not_rasa(files, http_server,
     ]:
         assert main(["send-turn", str(files / "a.wav"), *args]) == 2
         assert said in capsys.readouterr().err
+
+
+def _audio_tree(root: Path, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        fmt = {".wav": ("WAV", "PCM_16"), ".mp3": ("MP3", "MPEG_LAYER_III"), ".flac": ("FLAC", None)}[Path(name).suffix.lower()]
+        (root / name).write_bytes(encode(speech_like(1.0, seed=i), 16000, *fmt))
+
+
+def test_analyze_a_folder_takes_the_audio_files_under_it(files, models, tmp_path, capsys):
+    calls = tmp_path / "calls"
+    _audio_tree(calls, ["b.wav", "a/2.flac", "a/10.MP3", "z/deep/x.wav", ".hidden/y.wav", "._b.wav"])
+    (calls / "notes.txt").write_text("not audio")
+    (calls / "a" / "phone.ulaw").write_bytes((files / "phone.ulaw").read_bytes())  # headerless: named one by one
+    code, out = run_main(capsys, "analyze", calls, files / "a.wav", "--model", models("angry90", angry=0.9), "--json")
+    assert code == 0
+    assert [json.loads(line)["file"] for line in out.splitlines()] == [
+        str(calls / "a" / "10.MP3"), str(calls / "a" / "2.flac"), str(calls / "b.wav"), str(calls / "z" / "deep" / "x.wav"),
+        str(files / "a.wav")]
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code, out, err = run_main_with_stderr(capsys, "analyze", tmp_path / "empty", files / "a.wav", "--model", tmp_path / "unused")
+    assert code == 2 and out == ""
+    assert err.startswith(f"error [fetch_failed]: {tmp_path / 'empty'}: no audio files under this folder (looked for .wav, .flac")
+
+
+def test_embeddings_out_keeps_each_file_apart(models, tmp_path, capsys, monkeypatch):
+    """Same stem, other suffix; same name, other folder: each its own .npy, named predictably."""
+    import numpy as np
+
+    calls = tmp_path / "calls"
+    _audio_tree(calls, ["angry.wav", "angry.mp3", "a/call.wav", "b/call.wav"])
+    model = models("random")
+    code, out = run_main(capsys, "analyze", calls, "--model", model, "--json", "--embeddings", "--embeddings-out", tmp_path / "npy")
+    assert code == 0
+    written = sorted(p.relative_to(tmp_path / "npy").as_posix() for p in (tmp_path / "npy").rglob("*.npy"))
+    assert written == ["a/call.wav.npy", "angry.mp3.npy", "angry.wav.npy", "b/call.wav.npy"]
+    for line in map(json.loads, out.splitlines()):
+        saved = np.load(tmp_path / "npy" / (Path(line["file"]).relative_to(calls).as_posix() + ".npy"))
+        assert np.abs(saved - np.array(line["embedding"])).max() < 1e-6
+
+    # Files named one by one keep the relative path given; two that would share a name are
+    # refused before the model loads.
+    monkeypatch.chdir(calls)
+    code, _ = run_main(capsys, "analyze", "a/call.wav", "./b/call.wav", "--model", model, "--embeddings-out", tmp_path / "rel")
+    assert code == 0
+    assert sorted(p.relative_to(tmp_path / "rel").as_posix() for p in (tmp_path / "rel").rglob("*.npy")) == [
+        "a/call.wav.npy", "b/call.wav.npy"]
+    code, out, err = run_main_with_stderr(capsys, "analyze", calls / "a" / "call.wav", calls / "b" / "call.wav",
+                                          "--model", tmp_path / "unused", "--embeddings-out", tmp_path / "clash")
+    assert code == 2 and out == "" and not (tmp_path / "clash").exists()
+    assert err.startswith(f"error [bad_config]: --embeddings-out: {calls / 'a' / 'call.wav'} and {calls / 'b' / 'call.wav'} "
+                          f"would both be written to {tmp_path / 'clash' / 'call.wav.npy'}")
+
+
+class _Terminal(io.StringIO):
+    """stdout or stderr as a terminal, recording each write in order with the other stream's."""
+
+    def __init__(self, name: str, log: list) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log.append((self.name, text))
+        return super().write(text)
+
+
+def test_progress_bar_says_it_is_loading_and_moves_file_by_file(files, models, monkeypatch):
+    from emotion.engine.core import EmotionEngine
+    from emotion.tools.cli import main
+
+    log: list = []
+    analyze_waves = EmotionEngine.analyze_waves
+
+    def spy(self, waves, **kwargs):
+        log.append(("analyse", len(waves)))
+        return analyze_waves(self, waves, **kwargs)
+
+    monkeypatch.setattr(EmotionEngine, "analyze_waves", spy)
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # draw every update, however fast
+    monkeypatch.setattr(sys, "stdout", _Terminal("out", log))
+    monkeypatch.setattr(sys, "stderr", _Terminal("err", log))
+    inputs = [files / "a.wav", files / "b.flac", files / "c.mp3"]
+    assert main(["analyze", *map(str, inputs), "--model", str(models("angry90", angry=0.9)), "--json"]) == 0
+
+    analysed = [i for i, (kind, _) in enumerate(log) if kind == "analyse"]
+    assert [log[i][1] for i in analysed] == [1, 1, 1]  # on CPU, one file at a time
+    assert any(kind == "err" and "loading model angry90…" in text for kind, text in log[: analysed[0]])
+    bounds = [*analysed, len(log)]
+    for n, (start, end) in enumerate(zip(bounds, bounds[1:]), 1):
+        between = log[start:end]
+        # After each file: the bar counts it, then its line is printed above the bar.
+        assert any(kind == "err" and "analysing:" in text and f"{n}/3" in text for kind, text in between)
+        lines = [text for kind, text in between if kind == "out" and text.strip()]
+        assert [json.loads(text)["file"] for text in lines] == [str(inputs[n - 1])]
+    out = "".join(text for kind, text in log if kind == "out")
+    assert "\r" not in out and len(out.splitlines()) == 3
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("analyze", ["(default: utterance)", "(default: 0.7)", "(default: EMOTION_MODEL, else iic/emotion2vec_plus_large)",
+                 "(default: EMOTION_DEVICE, else auto)", "(default: the mix)"]),
+    ("evaluate", ["(default: EMOTION_MODEL, else iic/emotion2vec_plus_large)", "(default: EMOTION_DTYPE, else auto)"]),
+    ("send-turn", ["(default: http://localhost:5005)", "(default: caller-1)", "(default: api)",
+                   "(default: http://localhost:5055/v1/analyze)"]),
+    ("make-checkpoint", ["(default: tiny)", "(default: 0)", "(default: random)"]),
+])
+def test_help_shows_the_defaults(command, defaults, capsys):
+    from emotion.tools.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
+    assert [d for d in defaults if d not in text] == []
+    assert "(default: None)" not in text and "(default: False)" not in text

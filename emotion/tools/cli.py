@@ -11,88 +11,124 @@ from pathlib import Path
 
 from emotion.errors import EmotionError
 from emotion.settings import GRANULARITIES, Settings, reference_markdown
+from emotion.tools.console import Progress, quiet_libraries
+from emotion.tools.exports import AUDIO_SUFFIXES
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emotion", description=__doc__)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is none to show (a flag, or an
+    option that is unset unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        nothing = action.default is None or action.default is False or action.default in ("", ())
+        if nothing and "%(default)" not in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m emotion", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    analyze = sub.add_parser("analyze", help="tag audio files with an emotion")
-    analyze.add_argument("files", nargs="+")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    analyze = command("analyze", "tag audio files with an emotion")
+    analyze.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER",
+                         help="audio files; a folder gives its audio files, recursively and sorted by path (the "
+                              f"suffixes {' '.join(AUDIO_SUFFIXES)}, whose header says how to decode them; headerless "
+                              "audio is named file by file, with --encoding)")
     _model_args(analyze)
-    analyze.add_argument("--granularity", choices=GRANULARITIES, default="utterance")
+    analyze.add_argument("--granularity", choices=GRANULARITIES, default="utterance", help="one result per file, per 20 ms frame or per segment")
     analyze.add_argument("--encoding", help="headerless input: mulaw, alaw or pcm_s16le")
     analyze.add_argument("--sample-rate", type=int, help="sample rate of headerless input, e.g. 8000")
-    analyze.add_argument("--channel", type=int, help="analyse this channel (from 0) of a multichannel recording, not the mix")
+    analyze.add_argument("--channel", type=int, help="analyse this channel (from 0) of a multichannel recording (default: the mix)")
     analyze.add_argument("--embeddings", action="store_true", help="include the utterance embedding")
     analyze.add_argument("--json", action="store_true", help="one JSON object per input line")
     analyze.add_argument("--plot", metavar="PNG", help="draw emotion over time (one file, frame or segment granularity)")
     analyze.add_argument("--threshold", type=float, default=0.7, help="escalation threshold drawn on the plot")
     analyze.add_argument("--csv", metavar="CSV", help="also write one row per file (per segment with --granularity frame|segment)")
-    analyze.add_argument("--embeddings-out", metavar="DIR", help="write each file's embedding as DIR/NAME.npy ((dim,), or (frames, dim) with --granularity frame)")
+    analyze.add_argument("--embeddings-out", metavar="DIR",
+                         help="write each file's embedding ((dim,), or (frames, dim) with --granularity frame) as "
+                              "DIR/NAME.npy, NAME keeping the suffix: a folder argument's files by their path inside it "
+                              "(DIR/a/call.wav.npy), other files by the relative path given, else their name; two files "
+                              "that would share a name are refused")
 
-    evaluate = sub.add_parser("evaluate", help="accuracy against your own labelled recordings")
+    evaluate = command("evaluate", "accuracy against your own labelled recordings")
     evaluate.add_argument("labels", help="CSV with columns file,label (files relative to the CSV)")
     _model_args(evaluate)
     evaluate.add_argument("--map", default="", metavar="OURS=THEIRS,...", help="dataset label names, e.g. angry=ang,happy=hap")
-    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON (failed files in failed_files)")
     evaluate.add_argument("--plot", metavar="PNG", help="draw the confusion matrix")
 
-    send = sub.add_parser("send-turn", help="send a voice turn to Rasa, as a voice gateway would")
-    send.add_argument("audio")
-    send.add_argument("--rasa", default="http://localhost:5005")
-    send.add_argument("--sender", default="caller-1")
-    send.add_argument("--text", default="")
+    send = command("send-turn", "send a voice turn to Rasa, as a voice gateway would")
+    send.add_argument("audio", help="an audio file (or, with --url, a URL)")
+    send.add_argument("--rasa", default="http://localhost:5005", help="Rasa's address")
+    send.add_argument("--sender", default="caller-1", help="the conversation's sender id")
+    send.add_argument("--text", default="", help="the turn's transcript")
     send.add_argument("--url", action="store_true", help="send AUDIO as a URL reference instead of base64")
     send.add_argument("--mulaw", action="store_true", help="convert to 8 kHz mu-law raw before sending, as a phone gateway would")
     send.add_argument("--via", choices=("api", "channel", "metadata"), default="api",
-                      help="api: analyse with the action server's /v1/analyze, send the result as metadata.emotion (default); "
+                      help="api: analyse with the action server's /v1/analyze, send the result as metadata.emotion; "
                            "channel: send the audio to the EmotionRestInput channel; metadata: audio in metadata.audio "
                            "(Rasa's tracker then keeps the audio)")
     send.add_argument("--api", default="http://localhost:5055/v1/analyze", help="the analysis API, for --via api")
     send.add_argument("--token", help="bearer token for the analysis API (EMOTION_API_TOKEN)")
 
-    settings = sub.add_parser("settings", help="check the EMOTION_* settings and print them (or the reference)")
+    settings = command("settings", "check the EMOTION_* settings and print them (or the reference)")
     settings.add_argument("--markdown", action="store_true", help="print the configuration reference (docs/configuration.md)")
 
-    make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint (tests and benchmarks only)")
-    make.add_argument("directory")
-    make.add_argument("--size", choices=("tiny", "base", "large"), default="tiny")
-    make.add_argument("--head", nargs="*", default=None, metavar="LABEL=P", help="fix the scores, e.g. angry=0.9")
-    make.add_argument("--seed", type=int, default=0)
+    make = command("make-checkpoint", "write a random-weight checkpoint (tests and benchmarks only)")
+    make.add_argument("directory", help="where to write config.yaml, model.pt and tokens.txt")
+    make.add_argument("--size", choices=("tiny", "base", "large"), default="tiny", help="the architecture's size")
+    make.add_argument("--head", nargs="*", default=None, metavar="LABEL=P", help="fix the scores, e.g. angry=0.9 (default: random)")
+    make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "analyze":
-            return _analyze(args)
-        if args.command == "evaluate":
-            from emotion.engine.core import EmotionEngine
-            from emotion.tools.evaluate import evaluate
-
-            return evaluate(EmotionEngine(config_from_args(args, warmup=False)), args)
-        if args.command == "settings":
-            return _settings(args)
-        if args.command == "send-turn":
-            from emotion.tools.client import send_turn
-
-            return send_turn(args)
-        from emotion.tools.checkpoint import write_checkpoint
-
-        head = None
-        if args.head is not None:
-            head = {k: float(v) for k, v in (item.split("=", 1) for item in args.head)}
-        print(write_checkpoint(args.directory, size=args.size, head_probs=head, seed=args.seed))
-        return 0
+        with quiet_libraries(verbose):
+            return _run(args)
     except EmotionError as exc:
         print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "analyze":
+        return _analyze(args)
+    if args.command == "evaluate":
+        from emotion.engine.core import EmotionEngine
+        from emotion.tools.evaluate import evaluate
+
+        return evaluate(EmotionEngine(config_from_args(args, warmup=False)), args)
+    if args.command == "settings":
+        return _settings(args)
+    if args.command == "send-turn":
+        from emotion.tools.client import send_turn
+
+        return send_turn(args)
+    from emotion.tools.checkpoint import write_checkpoint
+
+    head = None
+    if args.head is not None:
+        head = {k: float(v) for k, v in (item.split("=", 1) for item in args.head)}
+    print(write_checkpoint(args.directory, size=args.size, head_probs=head, seed=args.seed))
+    return 0
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, alias (plus_large, plus_base, ...) or local directory; default EMOTION_MODEL")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    defaults = Settings()
+    parser.add_argument("--model", help="hub id, alias (plus_large, plus_base, ...) or local directory "
+                                        f"(default: EMOTION_MODEL, else {defaults.model})")
+    parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: EMOTION_DEVICE, else {defaults.device})")
+    parser.add_argument("--dtype", help=f"auto, float32, bfloat16 or float16 (default: EMOTION_DTYPE, else {defaults.dtype})")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show our INFO log and what the model libraries print (FunASR's banners, warnings, log)")
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> Settings:
@@ -114,34 +150,37 @@ def _settings(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from emotion.engine.core import EmotionEngine
-    from emotion.tools.exports import CsvWriter, analyze_files, save_embeddings
+    from emotion.tools.exports import CsvWriter, analyze_files, embedding_paths, input_files, save_embeddings
 
-    if args.plot and (len(args.files) != 1 or args.granularity == "utterance"):
+    inputs = input_files(args.files)
+    if args.plot and (len(inputs) != 1 or args.granularity == "utterance"):
         print("error: --plot takes one file and --granularity frame or segment", file=sys.stderr)
         return 2
+    npy_paths = embedding_paths(args.embeddings_out, inputs) if args.embeddings_out else [None] * len(inputs)
     engine = EmotionEngine(config_from_args(args, warmup=False))
     failed = 0
     embeddings = args.embeddings or bool(args.embeddings_out)
-    with CsvWriter(args.csv, engine.labels, segments=args.granularity != "utterance") as csv_out:
-        for name, result in analyze_files(engine, args.files, encoding=args.encoding, sample_rate=args.sample_rate,
-                                          channel=args.channel, granularity=args.granularity, embeddings=embeddings,
-                                          progress=bool(args.csv or args.embeddings_out)):
+    with CsvWriter(args.csv, engine.labels, segments=args.granularity != "utterance") as csv_out, Progress(len(inputs)) as progress:
+        results = analyze_files(engine, [i.path for i in inputs], encoding=args.encoding, sample_rate=args.sample_rate,
+                                channel=args.channel, granularity=args.granularity, embeddings=embeddings, progress=progress,
+                                hold_library_output=not args.verbose)
+        for (name, result), npy_path in zip(results, npy_paths):
             csv_out.write(name, result)
             if isinstance(result, dict):
                 failed += 1
-                print(json.dumps({"file": name, "error": result}, ensure_ascii=False) if args.json
-                      else f"{name}: error [{result['code']}] {result['message']}")
+                progress.write(json.dumps({"file": name, "error": result}, ensure_ascii=False) if args.json
+                               else f"{name}: error [{result['code']}] {result['message']}")
                 continue
-            if args.embeddings_out:
-                save_embeddings(args.embeddings_out, name, result)
+            if npy_path is not None:
+                save_embeddings(npy_path, result)
             if args.json:
                 out = result.as_dict()
                 if not args.embeddings:
                     out.pop("embedding", None)
-                print(json.dumps({"file": name, **out}, ensure_ascii=False))
+                progress.write(json.dumps({"file": name, **out}, ensure_ascii=False))
             else:
                 others = sorted(result.scores.items(), key=lambda kv: -kv[1])[1:4]
-                print(f"{name}: {result.emotion} {result.confidence:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in others)})")
+                progress.write(f"{name}: {result.emotion} {result.confidence:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in others)})")
             if args.plot:
                 from emotion.tools.plot import plot_timeline
 

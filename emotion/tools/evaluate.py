@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from emotion.tools.console import Progress
 from emotion.tools.exports import analyze_files
 
 
@@ -45,23 +45,32 @@ def evaluate(engine, args) -> int:
         theirs_to_ours[theirs.strip()] = ours.strip()
     base = Path(args.labels).parent
     with open(args.labels, newline="", encoding="utf-8") as f:
-        rows = [(r["file"], r["label"].strip()) for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = [(r["file"], r["label"].strip(), reader.line_num) for r in reader]
     failures: Counter = Counter()
+    failed_files = []
     truth, predicted = [], []
-    files = [str(base / file) for file, _ in rows]
-    for (name, result), (_file, label) in zip(analyze_files(engine, files, progress=True), rows):
-        ours = theirs_to_ours.get(label, label)
-        if isinstance(result, dict):
-            failures[result["code"]] += 1
-        elif ours not in engine.labels:
-            failures["unknown_label"] += 1
-            print(f"{name}: label {label!r} is not one of ours; map it with --map", file=sys.stderr)
-        else:
-            truth.append(ours)
-            predicted.append(result.emotion)
+    files = [str(base / file) for file, _, _ in rows]
+    with Progress(len(files)) as progress:
+        results = analyze_files(engine, files, progress=progress, hold_library_output=not args.verbose)
+        for (name, result), (_file, label, line) in zip(results, rows):
+            ours = theirs_to_ours.get(label, label)
+            if isinstance(result, dict):
+                failure = result
+            elif ours not in engine.labels:
+                failure = {"code": "unknown_label", "message": f"label {label!r} is not one of ours; map it with --map"}
+            else:
+                truth.append(ours)
+                predicted.append(result.emotion)
+                continue
+            failures[failure["code"]] += 1
+            failed_files.append({"file": name, "line": line, **failure})
+            if not args.json:
+                progress.write(f"{name}: error [{failure['code']}] {failure['message']}", err=True)
     labels = [lab for lab in engine.labels if lab in truth or lab in predicted]
     report = confusion_report(truth, predicted, labels)
     report["failed"] = dict(failures)
+    report["failed_files"] = failed_files
     if args.json:
         print(json.dumps(report, indent=2))
     else:
