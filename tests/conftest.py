@@ -206,20 +206,31 @@ def serve(tmp_path_factory):
         server.stop()
 
 
-def _angry_env(models, audio_root) -> dict[str, str]:
-    """What most tests need: every clip scores angry 0.9; the default rules (angry >= 0.7)."""
+def _angry_env(models, audio_root, alerts) -> dict[str, str]:
+    """What most tests need: every clip scores angry 0.9; the default rules (angry >= 0.7),
+    each escalation also alerting ``angry_alerts``."""
     return {"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_AUDIO_ROOT": str(audio_root),
-            "EMOTION_URL_ALLOW": "127.0.0.1", "EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024)}
+            "EMOTION_URL_ALLOW": "127.0.0.1", "EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024),
+            "EMOTION_ALERT_URL": alerts.url + "/alerts"}
 
 
 @pytest.fixture(scope="session")
-def server_newest(serve, models, audio_root):
-    return serve(_angry_env(models, audio_root))
+def angry_alerts():
+    """The supervisors' endpoint of the angry-0.9 servers: takes every alert, keeps them in ``posted``."""
+    receiver = LocalHTTPServer()
+    receiver.routes["/alerts"] = (200, {}, b"{}")
+    yield receiver
+    receiver.close()
 
 
 @pytest.fixture(scope="session")
-def server_sdk36(serve, models, audio_root):
-    return serve(_angry_env(models, audio_root), sdk="sdk-3.6")
+def server_newest(serve, models, audio_root, angry_alerts):
+    return serve(_angry_env(models, audio_root, angry_alerts))
+
+
+@pytest.fixture(scope="session")
+def server_sdk36(serve, models, audio_root, angry_alerts):
+    return serve(_angry_env(models, audio_root, angry_alerts), sdk="sdk-3.6")
 
 
 @pytest.fixture(scope="session", params=list(SDK_PYTHONS))
