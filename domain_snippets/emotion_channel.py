@@ -33,8 +33,9 @@ from sanic.request import Request
 
 logger = logging.getLogger(__name__)
 
-# What Rasa keeps of an analysis: the utterance result, never segments or embeddings.
-RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model")
+# What Rasa keeps of an analysis: the utterance result, never segments or embeddings, and
+# the API's signature of it (EMOTION_RESULT_KEY), untouched.
+RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model", "signature")
 
 
 class EmotionAnalyzer:

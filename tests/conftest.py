@@ -171,6 +171,7 @@ SDK_PYTHONS = {"newest": sys.executable, "sdk-3.6": str(ROOT / ".venv-sdk36" / "
 ALERT_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_confidence: 0.7\n"
                "  - name: watch\n    emotions: [angry]\n    min_confidence: 0.5\n    action: alert\n")
 TOKEN = "s3cret"
+RESULT_KEY = "test-result-key-not-a-real-secret"  # EMOTION_RESULT_KEY of locked_server
 
 
 SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server")
@@ -241,8 +242,10 @@ def server(request):
 
 @pytest.fixture(scope="session")
 def locked_server(serve, models):
-    """The analysis API behind a token, with /metrics off."""
-    return serve({"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_API_TOKEN": TOKEN, "EMOTION_METRICS": "false"})
+    """The analysis API behind a token, with /metrics off; results signed, and only signed
+    ones taken from metadata.emotion."""
+    return serve({"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_API_TOKEN": TOKEN, "EMOTION_METRICS": "false",
+                  "EMOTION_RESULT_KEY": RESULT_KEY})
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from sanic.request import parse_multipart_form
 
 from emotion.engine.core import EmotionEngine
 from emotion.engine.fetch import parse_audio_ref, parse_channel
+from emotion.engine.results import sign_result
 from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable, Overloaded
 from emotion.settings import GRANULARITIES, Settings
 
@@ -67,7 +68,7 @@ async def _answer(request, engine: EmotionEngine, config: Settings, handler):
         if refused:  # before the body is read
             raise Overloaded(f"emotion engine is overloaded: {refused}")
         body = await _read_body(request, engine.config.max_audio_bytes + _FORM_OVERHEAD_BYTES)
-        return await handler(request, body, engine)
+        return await handler(request, body, engine, config)
     except EmotionError as exc:
         return error_response(exc.code, exc.message)
     except Exception:  # a bug costs this request, never the server
@@ -105,7 +106,7 @@ async def _read_body(request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _analyze(request, body: bytes, engine: EmotionEngine):
+async def _analyze(request, body: bytes, engine: EmotionEngine, config: Settings):
     kind = parse_content_header(request.headers.get("content-type", ""))[0].lower()
     if kind == "multipart/form-data":
         fields, files = _form(request, body)
@@ -132,6 +133,9 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
                          "application/octet-stream or application/json")
     out = result.as_dict()
     out["model"] = engine.config.model
+    if config.result_key:
+        # Over what Rasa takes from it (SIGNED_FIELDS); segments and embeddings are the caller's own.
+        out["signature"] = sign_result(out, config.result_key)
     out["granularity"] = options["granularity"]
     if options["embedding"] and result.frame_embeddings is not None:
         out["frame_embeddings"] = result.frame_embeddings.tolist()
@@ -144,7 +148,7 @@ async def _analyze_bytes(engine: EmotionEngine, data: bytes, options: dict[str, 
                                       channel=options["channel"])
 
 
-async def _predict(request, body: bytes, engine: EmotionEngine):
+async def _predict(request, body: bytes, engine: EmotionEngine, _config: Settings):
     fields, files = _form(request, body)
     upload = files.get("file")
     if upload is None:
