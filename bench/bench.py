@@ -404,7 +404,7 @@ def tracker_bytes_per_turn(wav: bytes, result: dict) -> dict:
 
     from emotion.tools.client import RESULT_KEYS
 
-    utterance = {k: result[k] for k in RESULT_KEYS}
+    utterance = {k: result[k] for k in RESULT_KEYS if k in result}
     paths = {
         "metadata.audio.base64": {"audio": {"base64": base64.b64encode(wav).decode()}},
         "metadata.audio.url": {"audio": {"url": "https://recordings.example.com/calls/0042/turn-0003.wav"}},

@@ -6,7 +6,8 @@ the channel sends it to the action server's analysis API (``POST /v1/analyze``) 
 replaces it with ``metadata.emotion`` before the message enters Rasa, so the tracker (and
 the tracker store, and every request Rasa sends to the action server) never holds the
 audio. If the API is down or slow, the message goes on with
-``metadata.emotion = {"error": {...}}`` and the bot answers as usual.
+``metadata.emotion = {"error": {...}}`` and the bot answers as usual. A ``metadata.emotion``
+the client sent is dropped, always: only the channel's own analysis goes on to Rasa.
 
 Runs inside the Rasa server and needs only Rasa (and the aiohttp that Rasa ships). Copy
 this file next to your bot's ``config.yml`` and add to ``credentials.yml``::
@@ -32,8 +33,9 @@ from sanic.request import Request
 
 logger = logging.getLogger(__name__)
 
-# What Rasa keeps of an analysis: the utterance result, never segments or embeddings.
-RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model")
+# What Rasa keeps of an analysis: the utterance result, never segments or embeddings, and
+# the API's signature of it (EMOTION_RESULT_KEY), untouched.
+RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model", "signature")
 
 
 class EmotionAnalyzer:
@@ -126,11 +128,19 @@ class EmotionRestInput(RestInput):
             except Exception:  # the REST channel answers a bad body itself
                 return
             metadata = body.get("metadata") if isinstance(body, dict) else None
-            if isinstance(metadata, dict) and "audio" in metadata:
-                metadata = {k: v for k, v in metadata.items() if k != "audio"}
-                metadata["emotion"] = await self.analyzer.analyze(body["metadata"]["audio"])
-                # The REST channel reads the parsed body: from here on it holds no audio.
-                request.parsed_json = {**body, "metadata": metadata}
+            if not isinstance(metadata, dict) or not ("audio" in metadata or "emotion" in metadata):
+                return
+            if "emotion" in metadata:
+                # A result is ours to put there; a caller's own would tag (and escalate) their
+                # turn as they pleased. Its content is theirs too: not logged.
+                logger.warning("emotion_rest: dropped the metadata.emotion the client sent (sender %r)",
+                               str(body.get("sender"))[:64])
+            forwarded = {k: v for k, v in metadata.items() if k not in ("audio", "emotion")}
+            if "audio" in metadata:
+                forwarded["emotion"] = await self.analyzer.analyze(metadata["audio"])
+            # The REST channel reads the parsed body: from here on it holds no audio and no
+            # result but the channel's own.
+            request.parsed_json = {**body, "metadata": forwarded}
 
         return self.analyzer.close_with(blueprint)
 

@@ -28,14 +28,20 @@ GRANULARITIES = ("utterance", "frame", "segment")
 # emotion2vec's nine classes, in its head's order: the one list every part checks against.
 LABELS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
 GROUPS = ("model", "batching", "audio", "sources", "rules", "api", "alerts", "operations")
+# A signed result is taken this long after the analysis API issued it (either way, for
+# clocks that differ between hosts): long enough for a turn through Rasa, short enough
+# that a result copied from a tracker or a log is soon worth nothing.
+RESULT_MAX_AGE_S = 300.0
+MIN_RESULT_KEY_CHARS = 16
 # Read no more: each meant something the settings now say apart.
 _RETIRED = {"EMOTION_MAX_QUEUE": "EMOTION_MAX_TURNS_IN_FLIGHT, EMOTION_MAX_QUEUED_CLIPS or EMOTION_MAX_URL_CONNECTIONS"}
 
 
 def _setting(default, group: str, doc: str, *, env: str | None = None, low: float | None = None, high: float | None = None,
-             choices: tuple[str, ...] = ()):
-    return dataclasses.field(default=default, metadata={"group": group, "doc": doc, "env": env, "low": low, "high": high,
-                                                        "choices": choices})
+             choices: tuple[str, ...] = (), secret: bool = False):
+    # A secret stays out of the settings' repr, so a log line or traceback never shows it.
+    return dataclasses.field(default=default, repr=not secret, metadata={"group": group, "doc": doc, "env": env, "low": low,
+                                                                         "high": high, "choices": choices, "secret": secret})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +99,15 @@ class Settings:
     # -- analysis API
     api_token: str | None = _setting(None, "api", "Token the action server requires on `/webhook`, the analysis API and "
                                      "`/metrics` (`Authorization: Bearer ...`, or Rasa's `action_endpoint: token`); unset, "
-                                     "they are open to anyone who reaches the port.")
+                                     "they are open to anyone who reaches the port.", secret=True)
+    result_key: str | None = _setting(None, "api", "Key (16 or more characters, e.g. `openssl rand -hex 32`) that signs each "
+                                      "utterance result of the analysis API; `action_analyze_emotion` then takes "
+                                      "`metadata.emotion` only when signed with it and fresh. Give Rasa Pro's "
+                                      "`EmotionCommandGenerator` the same. Unset: results go unsigned and `metadata.emotion` is "
+                                      "taken from any channel ([security.md](security.md#who-may-set-metadataemotion)).",
+                                      secret=True)
+    result_max_age_s: float = _setting(RESULT_MAX_AGE_S, "api", "With `EMOTION_RESULT_KEY`: how long after signing a result is "
+                                       "taken (either way, for clocks that differ between hosts).", low=1, high=86_400)
     metrics: bool = _setting(True, "api", "Serve `/metrics` (Prometheus).")
     max_upload_bytes_in_flight: int = _setting(256 * 1024 * 1024, "api", "Bytes of request bodies the analysis API holds at "
                                                "once, arriving or waiting for their answer; past it a new upload gets "
@@ -130,6 +144,10 @@ class Settings:
         unknown = [lab for lab in self.labels if lab not in LABELS]
         if unknown or len(self.labels) == 1:
             raise ConfigError(f"EMOTION_LABELS={','.join(self.labels)}: expected two or more of {', '.join(LABELS)}")
+        if self.result_key is not None and len(self.result_key) < MIN_RESULT_KEY_CHARS:
+            # Never the value: it is a secret.
+            raise ConfigError(f"EMOTION_RESULT_KEY: expected at least {MIN_RESULT_KEY_CHARS} characters, got "
+                              f"{len(self.result_key)}")
         if self.alert_url is not None and not self.alert_url.startswith(("http://", "https://")):
             raise ConfigError(f"EMOTION_ALERT_URL={self.alert_url!r}: expected an http(s) URL")
 
@@ -183,7 +201,8 @@ def reference_markdown() -> str:
             shown = "unset" if default is None else "empty" if default == () else str(default).lower() if isinstance(
                 default, bool) else f"{default:g}" if isinstance(default, float) else str(default)
             allowed = f" Range: {f.metadata['low']:g} to {f.metadata['high']:g}." if f.metadata["low"] is not None else ""
-            lines.append(f"| `{env_name(f)}` | `{shown}` | {f.metadata['doc']}{allowed} |")
+            secret = "**Secret.** " if f.metadata["secret"] else ""
+            lines.append(f"| `{env_name(f)}` | `{shown}` | {secret}{f.metadata['doc']}{allowed} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -180,6 +180,7 @@ SDK_PYTHONS = {"newest": sys.executable, "sdk-3.6": str(ROOT / ".venv-sdk36" / "
 ALERT_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_confidence: 0.7\n"
                "  - name: watch\n    emotions: [angry]\n    min_confidence: 0.5\n    action: alert\n")
 TOKEN = "s3cret"
+RESULT_KEY = "test-result-key-not-a-real-secret"  # EMOTION_RESULT_KEY of locked_server
 
 
 SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server", "workers_server",
@@ -217,20 +218,31 @@ def serve(tmp_path_factory):
         server.stop()
 
 
-def _angry_env(models, audio_root) -> dict[str, str]:
-    """What most tests need: every clip scores angry 0.9; the default rules (angry >= 0.7)."""
+def _angry_env(models, audio_root, alerts) -> dict[str, str]:
+    """What most tests need: every clip scores angry 0.9; the default rules (angry >= 0.7),
+    each escalation also alerting ``angry_alerts``."""
     return {"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_AUDIO_ROOT": str(audio_root),
-            "EMOTION_URL_ALLOW": "127.0.0.1", "EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024)}
+            "EMOTION_URL_ALLOW": "127.0.0.1", "EMOTION_MAX_AUDIO_BYTES": str(2 * 1024 * 1024),
+            "EMOTION_ALERT_URL": alerts.url + "/alerts"}
 
 
 @pytest.fixture(scope="session")
-def server_newest(serve, models, audio_root):
-    return serve(_angry_env(models, audio_root))
+def angry_alerts():
+    """The supervisors' endpoint of the angry-0.9 servers: takes every alert, keeps them in ``posted``."""
+    receiver = LocalHTTPServer()
+    receiver.routes["/alerts"] = (200, {}, b"{}")
+    yield receiver
+    receiver.close()
 
 
 @pytest.fixture(scope="session")
-def server_sdk36(serve, models, audio_root):
-    return serve(_angry_env(models, audio_root), sdk="sdk-3.6")
+def server_newest(serve, models, audio_root, angry_alerts):
+    return serve(_angry_env(models, audio_root, angry_alerts))
+
+
+@pytest.fixture(scope="session")
+def server_sdk36(serve, models, audio_root, angry_alerts):
+    return serve(_angry_env(models, audio_root, angry_alerts), sdk="sdk-3.6")
 
 
 @pytest.fixture(scope="session", params=list(SDK_PYTHONS))
@@ -241,9 +253,11 @@ def server(request):
 
 @pytest.fixture(scope="session")
 def locked_server(serve, models):
-    """Behind a token, with /metrics off, a 3 s turn limit and 1 MiB of uploads at once."""
+    """Behind a token, with /metrics off, a 3 s turn limit and 1 MiB of uploads at once; results
+    signed, and only signed ones taken from metadata.emotion."""
     return serve({"EMOTION_MODEL": str(models("angry90", angry=0.9)), "EMOTION_API_TOKEN": TOKEN, "EMOTION_METRICS": "false",
-                  "EMOTION_TURN_TIMEOUT_S": "3", "EMOTION_MAX_UPLOAD_BYTES_IN_FLIGHT": str(1024 * 1024)})
+                  "EMOTION_TURN_TIMEOUT_S": "3", "EMOTION_MAX_UPLOAD_BYTES_IN_FLIGHT": str(1024 * 1024),
+                  "EMOTION_RESULT_KEY": RESULT_KEY})
 
 
 @pytest.fixture(scope="session")
@@ -253,9 +267,9 @@ def broken_server(serve, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def workers_server(serve, models, audio_root):
+def workers_server(serve, models, audio_root, angry_alerts):
     """The angry-0.9 server with two Sanic workers and the model in an engine process."""
-    return serve({**_angry_env(models, audio_root), **WORKERS})
+    return serve({**_angry_env(models, audio_root, angry_alerts), **WORKERS})
 
 
 @pytest.fixture(scope="session")

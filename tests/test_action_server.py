@@ -1,11 +1,13 @@
 """The real rasa-sdk action server with our actions, over HTTP, with the JSON Rasa sends."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
-from conftest import b64, encode, rasa_call, run_server_to_exit, slot_events, speech_like, wav_bytes
+from conftest import RESULT_KEY, TOKEN, b64, encode, rasa_call, run_server_to_exit, slot_events, speech_like, wav_bytes
 
+from emotion.engine.results import sign_result
 from emotion.settings import LABELS
 
 
@@ -181,6 +183,43 @@ def test_a_failed_turn_clears_the_last_escalation_reason(server):
     slots = slot_events(post(server, rasa_call("c-stale", {"audio": {"base64": "%%%"}},
                                                slots={"escalation_reason": "angry_caller: angry 0.90 >= 0.70"})))
     assert slots["escalation_reason"] is None and slots["escalate"] is False
+
+
+MILD_RESULT = {"emotion": "neutral", "confidence": 0.8, "scores": {**{k: 0.025 for k in LABELS if k != "neutral"}, "neutral": 0.8},
+               "duration_s": 2.0, "model": "x"}
+
+
+def signed(result, key=RESULT_KEY, age_s=0.0):
+    return {**result, "signature": sign_result(result, key, issued_at=int(time.time() - age_s))}
+
+
+def test_with_a_result_key_signed_fresh_results_are_taken(locked_server):
+    """locked_server has EMOTION_RESULT_KEY: a result the API signed, or one signed with the
+    same key a minute ago, tags the turn and escalates as any result does."""
+    api = httpx.post(locked_server.url + "/v1/analyze", json={"audio": {"base64": b64(wav_bytes(1.0))}},
+                     headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert_tagged(post(locked_server, rasa_call("c-signed-api", {"emotion": api})))
+    for sender, result in (("c-signed-api", api), ("c-signed-here", signed(GOOD_RESULT, age_s=60))):
+        slots = slot_events(post(locked_server, rasa_call(sender, {"emotion": result})))
+        assert slots["emotion"] == "angry" and slots["escalate"] is True and slots["emotion_error"] is None
+    # An analysis error is the channel's own word that there is no result: taken unsigned.
+    error = {"error": {"code": "timeout", "message": "the analysis API did not answer within 3 s"}}
+    assert slot_events(post(locked_server, rasa_call("c-signed-err", {"emotion": error})))["emotion_error"].startswith("[timeout]")
+
+
+@pytest.mark.parametrize("emotion,message", [
+    (GOOD_RESULT, "not signed"),
+    ({**GOOD_RESULT, "signature": "forged"}, "signature must be"),
+    ({**GOOD_RESULT, "signature": signed(MILD_RESULT)["signature"]}, "does not match"),  # a mild turn's signature, reused
+    ({**signed(GOOD_RESULT), "confidence": 0.8000001}, "does not match"),
+    (signed(GOOD_RESULT, key="another-key-of-enough-length"), "does not match"),
+    (signed(GOOD_RESULT, age_s=301), "older than 300 s"),
+    (signed(GOOD_RESULT, age_s=-3600), "issued in the future"),
+], ids=["unsigned", "malformed", "tampered", "changed", "other-key", "stale", "future"])
+def test_with_a_result_key_unsigned_tampered_and_stale_results_are_refused(locked_server, emotion, message):
+    slots = slot_events(post(locked_server, rasa_call("c-unsigned", {"emotion": emotion})))
+    assert slots["emotion_error"].startswith("[bad_result]") and message in slots["emotion_error"], slots["emotion_error"]
+    assert slots["emotion"] is None and slots["escalate"] is False and slots["escalation_reason"] is None
 
 
 def test_a_new_session_starts_with_no_history_and_no_cooldown(server):

@@ -2,12 +2,15 @@
 
 import asyncio
 import socket
+import time
 
 import httpx
 import numpy as np
 import pytest
-from conftest import TOKEN, b64, encode, rasa_call, slot_events, speech_like, wav_bytes
+from conftest import RESULT_KEY, TOKEN, b64, encode, rasa_call, slot_events, speech_like, wav_bytes
 
+from emotion.engine.results import result_from_metadata
+from emotion.errors import BadResult
 from emotion.settings import LABELS
 
 
@@ -152,6 +155,23 @@ def test_the_api_result_is_what_rasa_takes_as_metadata(server):
     slots = slot_events(httpx.post(server.url + "/webhook", json=rasa_call("c-meta", {"emotion": body}), timeout=30).json())
     assert slots["emotion"] == "angry" and slots["escalate"] is True and slots["emotion_error"] is None
     assert slots["emotion_scores"] == {k: round(v, 4) for k, v in body["scores"].items()}
+    assert "signature" not in body  # no EMOTION_RESULT_KEY: results go unsigned
+
+
+def test_with_a_result_key_each_result_is_signed(locked_server):
+    """A result signed by the API verifies with the shared key, whatever way the audio came;
+    the same result with a field changed, or checked with another key, does not."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for kwargs in ({"json": {"audio": {"base64": b64(wav_bytes(1.0))}}}, {"content": wav_bytes(1.0), "params": {"granularity": "segment"}}):
+        r = analyze(locked_server, headers={**headers, "Content-Type": "application/json" if "json" in kwargs else "audio/wav"}, **kwargs)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body["signature"]) == {"issued_at", "hmac"} and abs(body["signature"]["issued_at"] - time.time()) < 60
+        assert result_from_metadata(body, LABELS, key=RESULT_KEY).emotion == "angry"
+        for changed, key in (({**body, "duration_s": body["duration_s"] + 1}, RESULT_KEY), ({**body, "model": "other"}, RESULT_KEY),
+                             (body, RESULT_KEY + "-but-another")):
+            with pytest.raises(BadResult, match="does not match"):
+                result_from_metadata(changed, LABELS, key=key)
 
 
 def test_a_locked_down_server_the_token_the_predict_alias_and_no_metrics(locked_server):

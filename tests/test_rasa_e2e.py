@@ -198,6 +198,25 @@ def test_an_angry_caller_through_the_channel_is_handed_off(bot):
     assert tracker(bot, "caller-channel-angry")["paused"] is True
 
 
+def test_a_result_the_caller_sends_to_the_channel_is_dropped(bot, angry_alerts):
+    """Only the channel puts metadata.emotion on a message: a caller who posts one of their
+    own, with no audio, to emotion_rest is neither handed off nor reported to a supervisor."""
+    replies = say(bot, "caller-forger", "I want a refund", channel="emotion_rest", emotion=result("angry", 0.99))
+    assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
+    t = tracker(bot, "caller-forger")
+    assert t["paused"] is False and "action_handoff_to_human" not in actions_run(t)
+    assert t["slots"]["escalate"] is False and t["slots"]["emotion"] is None
+    assert "emotion" not in t["latest_message"]["metadata"]
+    # A genuine angry turn next. The action server posts its alerts one at a time, in order:
+    # once this one has arrived, one for the forged turn would have arrived before it.
+    say(bot, "caller-after-forger", "I want a refund", {"base64": b64(wav_bytes(1.0))}, channel="emotion_rest_angry")
+    deadline = time.monotonic() + 30
+    while "caller-after-forger" not in (alerted := [json.loads(a["body"])["conversation_id"] for a in angry_alerts.posted]):
+        assert time.monotonic() < deadline, "the genuine angry turn sent no alert"
+        time.sleep(0.05)
+    assert "caller-forger" not in alerted
+
+
 def test_the_bot_answers_when_the_analysis_api_or_the_action_server_is_down(bot):
     for i in range(3):  # actions up, nothing on the API's port
         replies = say(bot, "caller-no-api", "I want a refund", {"base64": b64(wav_bytes(1.0, seed=i))}, channel="emotion_rest_down")

@@ -17,11 +17,17 @@ result checks import only PyYAML and numpy, which Rasa ships). In ``config.yml``
       - name: emotion_calm.EmotionCommandGenerator
         rules: emotion_rules.yml     # optional; default: angry >= 0.7
       - name: CompactLLMCommandGenerator
+
+With ``EMOTION_RESULT_KEY`` set on the action server, set the same in Rasa Pro's environment
+(or ``result_key`` here, though config.yml is stored in the trained model): then only results
+the analysis API signed, within ``EMOTION_RESULT_MAX_AGE_S`` (``result_max_age_s``, 300 s),
+are taken.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -39,9 +45,9 @@ from rasa.shared.core.trackers import DialogueStateTracker
 from rasa.shared.nlu.training_data.message import Message
 
 from emotion.engine.results import result_from_metadata
-from emotion.errors import EmotionError
+from emotion.errors import ConfigError, EmotionError
 from emotion.rules import Turn, evaluate_rules, load_rules
-from emotion.settings import LABELS
+from emotion.settings import LABELS, MIN_RESULT_KEY_CHARS, RESULT_MAX_AGE_S
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +97,9 @@ class EmotionHandoffCommand(Command):
 class EmotionCommandGenerator(GraphComponent, CommandGenerator):
     @staticmethod
     def get_default_config() -> dict[str, Any]:
-        return {"rules": None, "history_turns": 20}
+        # result_key and result_max_age_s: None reads EMOTION_RESULT_KEY and EMOTION_RESULT_MAX_AGE_S,
+        # as the action server does.
+        return {"rules": None, "history_turns": 20, "result_key": None, "result_max_age_s": None}
 
     def __init__(self, config: dict[str, Any], model_storage: ModelStorage, resource: Resource,
                  execution_context: ExecutionContext) -> None:
@@ -100,6 +108,20 @@ class EmotionCommandGenerator(GraphComponent, CommandGenerator):
         self._resource = resource
         # A bad rules file stops the server at startup, naming the file and line.
         self.rules = load_rules(self.config["rules"], history_turns=self.config["history_turns"])
+        # Read at load and never written back to the config: the trained model keeps config.yml,
+        # and the key must not travel in it. Stripped, as the action server strips its variables.
+        self._result_key = str(self.config["result_key"] or os.environ.get("EMOTION_RESULT_KEY") or "").strip() or None
+        if self._result_key is not None and len(self._result_key) < MIN_RESULT_KEY_CHARS:
+            raise ConfigError(f"emotion_calm.EmotionCommandGenerator: result_key: expected at least {MIN_RESULT_KEY_CHARS} "
+                              f"characters, got {len(self._result_key)}")
+        max_age = self.config["result_max_age_s"] or os.environ.get("EMOTION_RESULT_MAX_AGE_S", "").strip() or RESULT_MAX_AGE_S
+        try:
+            self._result_max_age_s = float(max_age)
+        except (TypeError, ValueError):
+            self._result_max_age_s = float("nan")
+        if not 1 <= self._result_max_age_s <= 86_400:
+            raise ConfigError(f"emotion_calm.EmotionCommandGenerator: result_max_age_s={max_age!r}: expected seconds in "
+                              "[1, 86400]")
 
     @classmethod
     def create(cls, config, model_storage, resource, execution_context) -> EmotionCommandGenerator:
@@ -119,7 +141,7 @@ class EmotionCommandGenerator(GraphComponent, CommandGenerator):
         if value is None or tracker is None:
             return commands
         try:
-            result = result_from_metadata(value, LABELS)
+            result = result_from_metadata(value, LABELS, key=self._result_key, max_age_s=self._result_max_age_s)
         except EmotionError:
             return commands  # action_analyze_emotion reports it in emotion_error
         history = [t for t in map(Turn.from_dict, session_history(tracker)) if t]

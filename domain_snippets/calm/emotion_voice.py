@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import logging
 from contextvars import ContextVar
 from typing import Any
 
@@ -50,6 +51,7 @@ CHANNELS = {
     "Vonage": ("vonage", "VonageInputChannel"),
     "JsonAudio": ("json_audio", "JsonAudioInputChannel"),
 }
+logger = logging.getLogger(__name__)
 _BUFFER = "emotion_turn_audio"
 # The result for the turn being handed to Rasa; a context variable because one channel
 # object serves every call, and each call runs in its own task.
@@ -131,6 +133,10 @@ class EmotionVoiceMixin:
 
     def build_turn_metadata(self, call_parameters: Any) -> dict[str, Any]:
         metadata = super().build_turn_metadata(call_parameters)
+        # Rasa Pro 3.21 puts only the call parameters here, and none is named emotion; should
+        # a later one pass something the caller's side sent, it is still not a result of ours.
+        if metadata.pop("emotion", None) is not None:
+            logger.warning("emotion_voice: dropped a metadata.emotion the channel did not obtain from the analysis API")
         emotion = _turn_emotion.get()
         if emotion is not None:
             metadata["emotion"] = emotion

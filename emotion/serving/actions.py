@@ -31,7 +31,8 @@ VOICE_CHANNELS = frozenset({"audiocodes", "audiocodes_stream", "browser_audio", 
 
 class ActionAnalyzeEmotion(Action):
     """Tags the latest user turn with an emotion: from ``metadata.emotion`` when the
-    gateway or ``EmotionRestInput`` analysed it already, else from ``metadata.audio``.
+    gateway or ``EmotionRestInput`` analysed it already (with ``EMOTION_RESULT_KEY``, only
+    a result the analysis API signed), else from ``metadata.audio``.
 
     Runs as the custom mapping action of the emotion slots, so Rasa calls it after every
     user message; it returns only SlotSet events, which is all Rasa keeps there.
@@ -49,7 +50,9 @@ class ActionAnalyzeEmotion(Action):
         try:
             engine = PLUGIN.engine
             if "emotion" in metadata:
-                result = result_from_metadata(metadata["emotion"], engine.labels)
+                config = PLUGIN.config
+                result = result_from_metadata(metadata["emotion"], engine.labels, key=config.result_key,
+                                              max_age_s=config.result_max_age_s)
             else:
                 result = await engine.analyze_ref(parse_audio_ref(metadata["audio"]))
             return _tagged(tracker, message, result)

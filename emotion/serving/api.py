@@ -20,6 +20,7 @@ from sanic.request import parse_multipart_form
 
 from emotion.engine.core import EmotionEngine
 from emotion.engine.fetch import parse_audio_ref, parse_channel
+from emotion.engine.results import sign_result
 from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable, Overloaded
 from emotion.serving import metrics
 from emotion.serving.http import error
@@ -91,7 +92,7 @@ async def _answer(request, engine: EmotionEngine, config: Settings, handler):
         if refused:  # before the body is read
             raise Overloaded(f"emotion engine is overloaded: {refused}")
         body, held = await _read_body(request, engine.settings.max_audio_bytes + _FORM_OVERHEAD_BYTES, config)
-        reply, result = await handler(request, body, engine)
+        reply, result = await handler(request, body, engine, config)
         metrics.record_turn(path, timings_ms=result.timings_ms)
         return reply
     except EmotionError as exc:
@@ -146,7 +147,7 @@ async def _read_body(request, cap: int, config: Settings) -> tuple[bytes, int]:
     return b"".join(chunks), held
 
 
-async def _analyze(request, body: bytes, engine: EmotionEngine):
+async def _analyze(request, body: bytes, engine: EmotionEngine, config: Settings):
     kind = parse_content_header(request.headers.get("content-type", ""))[0].lower()
     if kind == "multipart/form-data":
         fields, upload = _form(request, body, "audio_file")
@@ -173,6 +174,9 @@ async def _analyze(request, body: bytes, engine: EmotionEngine):
                          "application/octet-stream or application/json")
     out = result.as_dict()
     out["model"] = engine.settings.model
+    if config.result_key:
+        # Over what Rasa takes from it (SIGNED_FIELDS); segments and embeddings are the caller's own.
+        out["signature"] = sign_result(out, config.result_key)
     out["granularity"] = options["granularity"]
     if options["embedding"] and result.frame_embeddings is not None:
         if result.frame_embeddings.size > MAX_FRAME_EMBEDDING_VALUES:
@@ -190,7 +194,7 @@ async def _analyze_bytes(engine: EmotionEngine, data: bytes, options: dict[str, 
                                       channel=options["channel"])
 
 
-async def _predict(request, body: bytes, engine: EmotionEngine):
+async def _predict(request, body: bytes, engine: EmotionEngine, _config: Settings):
     _fields, upload = _form(request, body, "file")
     result = await engine.analyze_bytes(upload.body)
     return response.json({"filename": upload.name, "emotion": result.emotion, "confidence": round(result.confidence, 6),

@@ -142,8 +142,9 @@ def _settings(args: argparse.Namespace) -> int:
         print(reference_markdown(), end="")
         return 0
     values = dataclasses.asdict(Settings.from_env())
-    if values["api_token"]:
-        values["api_token"] = "(set)"
+    for f in dataclasses.fields(Settings):
+        if f.metadata["secret"] and values[f.name]:
+            values[f.name] = "(set)"
     print(json.dumps(values, indent=2))
     return 0
 

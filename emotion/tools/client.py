@@ -19,8 +19,8 @@ import httpx
 from emotion.engine.audio import decode_audio, encode_audio
 from emotion.errors import FetchFailed
 
-# The utterance result, as EmotionRestInput forwards it.
-RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model")
+# The utterance result, as EmotionRestInput forwards it (with the API's signature, when it signs).
+RESULT_KEYS = ("emotion", "confidence", "scores", "duration_s", "model", "signature")
 SLOTS = ("emotion", "emotion_confidence", "escalate", "escalation_reason", "emotion_error")
 
 

@@ -4,6 +4,7 @@ Run in Rasa Pro's own environment (.rasa-pro-venv, scripts/setup.sh --test)."""
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def test_a_caller_asking_for_a_human_takes_the_same_pattern(bot):
 
 
 @pytest.mark.parametrize("emotion", [result("angry", 0.6), None, {"error": {"code": "timeout", "message": "slow"}},
-                                     {**result(), "scores": {"furious": 1.0}}])
+                                     {**result(), "scores": {"furious": 1.0}}, {**result(), "scores": {**result()["scores"], "sad": 10**400}}])
 def test_no_handoff_for_a_mild_turn_a_typed_turn_or_a_failed_analysis(bot, generator, emotion):
     domain, flows = bot
     assert commands_for(generator, flows, new_tracker(domain), emotion) == []
@@ -137,3 +138,37 @@ def test_a_bad_rules_file_stops_the_server_with_its_line(tmp_path):
 
     with pytest.raises(ConfigError, match="rules.yml, line 2"):
         EmotionCommandGenerator.create({"rules": str(rules)}, None, Resource("emotion"), None)
+
+
+KEY = "calm-test-result-key-0123456789"
+
+
+def test_with_a_result_key_only_signed_fresh_results_hand_off(bot, monkeypatch):
+    """With the key in its config, or in EMOTION_RESULT_KEY as the action server has it, the
+    generator takes only results the analysis API signed: a caller's own metadata.emotion
+    starts nothing."""
+    from emotion.engine.results import sign_result
+
+    domain, flows = bot
+    monkeypatch.delenv("EMOTION_RESULT_KEY", raising=False)
+    configured = EmotionCommandGenerator.create({"rules": str(RULES), "result_key": KEY}, None, Resource("emotion"), None)
+    monkeypatch.setenv("EMOTION_RESULT_KEY", KEY)
+    from_env = EmotionCommandGenerator.create({"rules": str(RULES)}, None, Resource("emotion"), None)
+    handoff = [EmotionHandoffCommand("angry_caller", "angry_caller: angry 0.90 >= 0.70")]
+    now = int(time.time())
+    for generator in (configured, from_env):
+        assert commands_for(generator, flows, new_tracker(domain), result("angry", 0.9)) == []
+        signed = {**result("angry", 0.9), "signature": sign_result(result("angry", 0.9), KEY, issued_at=now)}
+        assert commands_for(generator, flows, new_tracker(domain), signed) == handoff
+        tampered = {**result("angry", 0.9), "signature": sign_result(result("angry", 0.6), KEY, issued_at=now)}
+        stale = {**result("angry", 0.9), "signature": sign_result(result("angry", 0.9), KEY, issued_at=now - 3600)}
+        for refused in (tampered, stale):
+            assert commands_for(generator, flows, new_tracker(domain), refused) == []
+
+
+def test_a_short_result_key_stops_the_server(monkeypatch):
+    from emotion.errors import ConfigError
+
+    monkeypatch.delenv("EMOTION_RESULT_KEY", raising=False)
+    with pytest.raises(ConfigError, match="result_key: expected at least 16 characters"):
+        EmotionCommandGenerator.create({"rules": str(RULES), "result_key": "short"}, None, Resource("emotion"), None)
