@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -183,6 +184,7 @@ TOKEN = "s3cret"
 RESULT_KEY = "test-result-key-not-a-real-secret"  # EMOTION_RESULT_KEY of locked_server
 
 
+PRESTARTED = ("rasa_training",)  # with the servers: Rasa Open Source trains the example bot meanwhile
 SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server", "workers_server",
                    "broken_workers_server")
 WORKERS = {"ACTION_SERVER_SANIC_WORKERS": "2"}  # two Sanic workers share an engine process
@@ -195,8 +197,8 @@ def _servers_up(request):
     wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     if "server" in wanted:
         wanted |= {"server_newest", "server_sdk36"}
-    for server in [request.getfixturevalue(name) for name in SESSION_SERVERS if name in wanted]:
-        server.wait()
+    for started in [request.getfixturevalue(name) for name in PRESTARTED + SESSION_SERVERS if name in wanted]:
+        started.wait()
 
 
 @pytest.fixture(scope="session")
@@ -299,6 +301,88 @@ def audio_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audio_root")
     (root / "turn.wav").write_bytes(wav_bytes(2.0))
     return root
+
+
+RASA_VENV = Path(os.environ.get("RASA_VENV", ROOT / ".rasa-venv"))
+EXAMPLE_BOT = ROOT / "examples" / "bot"
+
+
+def rasa_bin() -> Path:
+    path = RASA_VENV / "bin" / "rasa"
+    if not path.exists():
+        pytest.fail(f"Rasa Open Source is not installed at {RASA_VENV}: run scripts/install-rasa-oss.sh {RASA_VENV}")
+    return path
+
+
+class RasaTraining:
+    """`rasa train` of a copy of the example bot, in Rasa Open Source 3.6's own environment."""
+
+    def __init__(self, work: Path) -> None:
+        self.bot = work / "bot"
+        shutil.copytree(EXAMPLE_BOT, self.bot, symlinks=False)
+        self.log = open(work / "train.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen([str(rasa_bin()), "train", "--domain", "domain", "--out", "models", "--fixed-model-name", "bot"],
+                                     cwd=self.bot, env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self) -> Path:
+        if self.proc.wait(600) != 0:
+            pytest.fail(f"rasa train failed; see {self.log.name}")
+        return self.bot
+
+
+@pytest.fixture(scope="session")
+def rasa_training(tmp_path_factory):
+    training = RasaTraining(tmp_path_factory.mktemp("rasa"))
+    yield training
+    training.proc.kill()
+    training.proc.wait()
+    training.log.close()
+
+
+class Door:
+    """A TCP door on loopback to another port, that a test shuts (connections are refused, as
+    with the server down) and opens again, without restarting what is behind it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self.open()
+
+    def open(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def shut(self) -> None:
+        self._listener.close()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # shut
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            pipes = [threading.Thread(target=self._pipe, args=pair, daemon=True) for pair in ((client, upstream), (upstream, client))]
+            for pipe in pipes:
+                pipe.start()
+            threading.Thread(target=self._close_after, args=(pipes, client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _close_after(pipes, *sockets) -> None:
+        for pipe in pipes:
+            pipe.join()
+        for sock in sockets:
+            sock.close()
 
 
 def run_server_to_exit(env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess:

@@ -6,27 +6,15 @@ overrides where): it is the client our action server must satisfy.
 
 import json
 import os
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, TIME_WAIT, b64, encode, free_port, sockets_to, speech_like, wav_bytes
+from conftest import EXAMPLE_BOT as BOT
+from conftest import ROOT, TIME_WAIT, Door, b64, encode, free_port, rasa_bin, sockets_to, speech_like, wav_bytes
 
 from emotion.settings import LABELS
-
-RASA_VENV = Path(os.environ.get("RASA_VENV", ROOT / ".rasa-venv"))
-BOT = ROOT / "examples" / "bot"
-
-
-def rasa_bin() -> Path:
-    path = RASA_VENV / "bin" / "rasa"
-    if not path.exists():
-        pytest.fail(f"Rasa Open Source is not installed at {RASA_VENV}: run scripts/install-rasa-oss.sh {RASA_VENV}")
-    return path
-
 
 # Two more doors into the same channel class, for turns whose analysis must come from
 # elsewhere: the angry-0.9 server's API, and a port where nothing listens.
@@ -48,28 +36,26 @@ class NoApi(EmotionRestInput):
 
 
 @pytest.fixture(scope="module")
-def bot(tmp_path_factory, server_sdk36, alert_server):
+def bot(rasa_training, server_sdk36, alert_server):
     """The example bot, trained once, served by Rasa Open Source 3.6 with rasa-sdk 3.6's
-    action server (the angry-0.9 one) as its action endpoint. Its EmotionRestInput channel
-    asks the angry-0.6 server's API; emotion_rest_angry asks the angry-0.9 one's, and
-    emotion_rest_down a port where nothing listens."""
-    work = tmp_path_factory.mktemp("bot")
-    shutil.copytree(BOT, work / "bot", symlinks=False)
-    (work / "bot" / "endpoints.yml").write_text(f'action_endpoint:\n  url: "{server_sdk36.url}/webhook"\n')
-    (work / "bot" / "test_channels.py").write_text(TEST_CHANNELS)
+    action server (the angry-0.9 one) as its action endpoint, through a door a test can shut.
+    Its EmotionRestInput channel asks the angry-0.6 server's API; emotion_rest_angry asks the
+    angry-0.9 one's, and emotion_rest_down a port where nothing listens."""
+    bot_dir = rasa_training.wait()
+    door = Door(server_sdk36.port)
+    (bot_dir / "endpoints.yml").write_text(f'action_endpoint:\n  url: "http://127.0.0.1:{door.port}/webhook"\n')
+    (bot_dir / "test_channels.py").write_text(TEST_CHANNELS)
     credentials = (BOT / "credentials.yml").read_text().replace("http://localhost:5055", alert_server.url)
     credentials += (f'test_channels.AngryApi:\n  analyze_url: "{server_sdk36.url}/v1/analyze"\n'
                     f'test_channels.NoApi:\n  analyze_url: "http://127.0.0.1:{free_port()}/v1/analyze"\n')
-    (work / "bot" / "credentials.yml").write_text(credentials)
+    (bot_dir / "credentials.yml").write_text(credentials)
     env = {**os.environ, "RASA_TELEMETRY_ENABLED": "false"}
-    subprocess.run([str(rasa_bin()), "train", "--domain", "domain", "--out", "models", "--fixed-model-name", "bot"],
-                   cwd=work / "bot", env=env, check=True, capture_output=True, timeout=600)
     port = free_port()
-    log = open(work / "rasa.log", "w")  # noqa: SIM115
+    log = open(bot_dir.parent / "rasa.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [str(rasa_bin()), "run", "--enable-api", "-m", "models/bot.tar.gz", "--port", str(port), "-i", "127.0.0.1",
          "--credentials", "credentials.yml"],
-        cwd=work / "bot", env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=bot_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -82,7 +68,7 @@ def bot(tmp_path_factory, server_sdk36, alert_server):
             pass
         assert time.monotonic() < deadline, f"Rasa did not start; see {log.name}"
         time.sleep(0.5)
-    yield {"url": url, "actions": server_sdk36, "api": alert_server}
+    yield {"url": url, "actions": server_sdk36, "api": alert_server, "door": door}
     proc.terminate()
     proc.wait(30)
     log.close()
@@ -224,12 +210,12 @@ def test_the_bot_answers_when_the_analysis_api_or_the_action_server_is_down(bot)
         t = tracker(bot, "caller-no-api")
         assert t["slots"]["emotion_error"].startswith("[analysis_unavailable] the analysis API is unreachable")
         assert t["slots"]["emotion"] is None and t["paused"] is False
-    bot["actions"].stop()
+    bot["door"].shut()  # the action server is now unreachable for Rasa, as if it were down
     try:
         replies = say(bot, "caller-nothing-up", "I want a refund", {"base64": b64(wav_bytes(1.0))}, channel="emotion_rest_down")
         assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
     finally:
-        bot["actions"].restart()  # the session's other tests go on with it
+        bot["door"].open()
 
 
 def test_a_new_session_forgets_the_last_calls_cooldown(bot):
