@@ -16,6 +16,7 @@ this file next to your bot's ``config.yml`` and add to ``credentials.yml``::
       analyze_url: "http://localhost:5055/v1/analyze"
       token: "..."        # optional: EMOTION_API_TOKEN of the action server
       timeout_s: 3        # optional
+      inline_audio_only: true   # optional: refuse url/path references from callers
 """
 
 from __future__ import annotations
@@ -111,10 +112,14 @@ class EmotionRestInput(RestInput):
 
     @classmethod
     def from_credentials(cls, credentials: dict[str, Any] | None) -> EmotionRestInput:
-        return cls(EmotionAnalyzer.from_credentials(credentials, "emotion_channel.EmotionRestInput"))
+        analyzer = EmotionAnalyzer.from_credentials(credentials, "emotion_channel.EmotionRestInput")
+        return cls(analyzer, inline_audio_only=bool((credentials or {}).get("inline_audio_only", False)))
 
-    def __init__(self, analyzer: EmotionAnalyzer) -> None:
+    def __init__(self, analyzer: EmotionAnalyzer, inline_audio_only: bool = False) -> None:
         self.analyzer = analyzer
+        # A url or path reference is fetched by the action server, under this channel's token:
+        # a channel open to callers should pass on only the audio they send.
+        self.inline_audio_only = inline_audio_only
 
     def blueprint(self, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> Blueprint:
         blueprint = super().blueprint(on_new_message)
@@ -136,8 +141,11 @@ class EmotionRestInput(RestInput):
                 logger.warning("emotion_rest: dropped the metadata.emotion the client sent (sender %r)",
                                str(body.get("sender"))[:64])
             forwarded = {k: v for k, v in metadata.items() if k not in ("audio", "emotion")}
-            if "audio" in metadata:
-                forwarded["emotion"] = await self.analyzer.analyze(metadata["audio"])
+            audio = metadata.get("audio")
+            if self.inline_audio_only and isinstance(audio, dict) and any(audio.get(k) for k in ("url", "path")):
+                forwarded["emotion"] = _error("refused", "this channel takes the audio inline (metadata.audio.base64) only")
+            elif "audio" in metadata:
+                forwarded["emotion"] = await self.analyzer.analyze(audio)
             # The REST channel reads the parsed body: from here on it holds no audio and no
             # result but the channel's own.
             request.parsed_json = {**body, "metadata": forwarded}

@@ -28,6 +28,12 @@ class AngryApi(EmotionRestInput):
         return "emotion_rest_angry"
 
 
+class InlineOnly(EmotionRestInput):
+    @classmethod
+    def name(cls):
+        return "emotion_rest_inline"
+
+
 class NoApi(EmotionRestInput):
     @classmethod
     def name(cls):
@@ -47,6 +53,7 @@ def bot(rasa_training, server_sdk36, alert_server):
     (bot_dir / "test_channels.py").write_text(TEST_CHANNELS)
     credentials = (BOT / "credentials.yml").read_text().replace("http://localhost:5055", alert_server.url)
     credentials += (f'test_channels.AngryApi:\n  analyze_url: "{server_sdk36.url}/v1/analyze"\n'
+                    f'test_channels.InlineOnly:\n  analyze_url: "{server_sdk36.url}/v1/analyze"\n  inline_audio_only: true\n'
                     f'test_channels.NoApi:\n  analyze_url: "http://127.0.0.1:{free_port()}/v1/analyze"\n')
     (bot_dir / "credentials.yml").write_text(credentials)
     env = {**os.environ, "RASA_TELEMETRY_ENABLED": "false"}
@@ -242,3 +249,17 @@ def test_replies_follow_the_callers_emotion(bot):
     replies = say(bot, "caller-happy", "I want to complain", emotion=result("happy", 0.8))
     assert [r.get("text") for r in replies] == ["I'm sorry to hear that. Let me look into it."]  # happy: the plain one
     assert [r.get("text") for r in say(bot, "caller-typed-hello", "hello")] == ["Hello, this is Acme support. How can I help?"]
+
+
+def test_a_channel_for_callers_takes_inline_audio_only(bot, http_server):
+    """With inline_audio_only, a url or path reference from a caller is refused before the
+    action server would fetch it under the channel's token; inline audio is analysed."""
+    http_server.routes["/turn.wav"] = (200, {}, wav_bytes(1.0))
+    for audio in ({"url": http_server.url + "/turn.wav"}, {"path": "turn.wav"}):
+        replies = say(bot, "caller-refs", "I want a refund", audio, channel="emotion_rest_inline")
+        assert [r.get("text") for r in replies] == ["I can help with a refund. What is your order number?"]
+        t = tracker(bot, "caller-refs")
+        assert t["slots"]["emotion_error"] == "[refused] this channel takes the audio inline (metadata.audio.base64) only"
+    assert http_server.requests == []
+    replies = say(bot, "caller-inline", "I want a refund", {"base64": b64(wav_bytes(1.0))}, channel="emotion_rest_inline")
+    assert any("custom" in r for r in replies) and tracker(bot, "caller-inline")["paused"] is True
