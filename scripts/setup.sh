@@ -72,15 +72,16 @@ if ! command -v chromium >/dev/null 2>&1; then
         || { echo "the review page test needs Chromium: apt-get install chromium (as root)" >&2; exit 1; }
 fi
 # The engine's torch-free parts, on the lowest Python we support.
-if [ ! -f .venv310/.done ]; then
+if [ ! -f ".venv310/.done-$stamp" ]; then
     py310=${PYTHON310:-}
     for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10 python3.10; do
         [ -z "$py310" ] && "$candidate" -c "" 2>/dev/null && py310=$candidate
     done
     [ -n "$py310" ] || { echo "Python 3.10 is needed for the tests (set PYTHON310)" >&2; exit 1; }
-    say ".venv310: Python 3.10 for the torch-free tests"
+    say ".venv310: Python 3.10 for the torch-free tests, and rasa-sdk 3.6.2's server with no model"
     "$py310" -m venv .venv310
     .venv310/bin/python -m pip install "${pip_flags[@]}" --no-deps -e .
-    .venv310/bin/python -m pip install "${pip_flags[@]}" numpy soundfile soxr httpx pyyaml pytest hypothesis
-    touch .venv310/.done
+    .venv310/bin/python -m pip install "${pip_flags[@]}" numpy soundfile soxr httpx idna sniffio pyyaml pytest hypothesis \
+        "rasa-sdk==3.6.2" prometheus-client tqdm
+    touch ".venv310/.done-$stamp"
 fi

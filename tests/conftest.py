@@ -178,6 +178,7 @@ class ActionServer:
 # each is its own process, spoken to over HTTP as Rasa speaks to it. "sdk-3.6" is rasa-sdk
 # 3.6.2 on Sanic 21.12, what Rasa Open Source 3.6 and its rasa-sdk image run.
 SDK_PYTHONS = {"newest": sys.executable, "sdk-3.6": str(ROOT / ".venv-sdk36" / "bin" / "python")}
+PYTHON310 = str(ROOT / ".venv310" / "bin" / "python")  # rasa-sdk 3.6.2 on Python 3.10, without torch
 ALERT_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_confidence: 0.7\n"
                "  - name: watch\n    emotions: [angry]\n    min_confidence: 0.5\n    action: alert\n")
 TOKEN = "s3cret"
@@ -186,7 +187,7 @@ RESULT_KEY = "test-result-key-not-a-real-secret"  # EMOTION_RESULT_KEY of locked
 
 PRESTARTED = ("rasa_training",)  # with the servers: Rasa Open Source trains the example bot meanwhile
 SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server", "workers_server",
-                   "broken_workers_server")
+                   "broken_workers_server", "server_py310")
 WORKERS = {"ACTION_SERVER_SANIC_WORKERS": "2"}  # two Sanic workers share an engine process
 
 
@@ -208,7 +209,7 @@ def serve(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
 
     def start(env: dict[str, str], sdk: str = "newest") -> ActionServer:
-        python = SDK_PYTHONS[sdk]
+        python = SDK_PYTHONS.get(sdk, sdk)
         if not Path(python).exists():
             pytest.fail(f"{python} is missing: scripts/setup.sh --test makes it")
         server = ActionServer({"_LOG_DIR": str(logs), **env}, python=python)
@@ -277,6 +278,13 @@ def workers_server(serve, models, audio_root, angry_alerts):
 @pytest.fixture(scope="session")
 def broken_workers_server(serve, tmp_path_factory):
     return serve({"EMOTION_MODEL": str(tmp_path_factory.mktemp("empty") / "no-model-here"), **WORKERS})
+
+
+@pytest.fixture(scope="session")
+def server_py310(serve, models):
+    """rasa-sdk 3.6.2 on Python 3.10, as the rasa/rasa-sdk:3.6.2 image runs it, with no torch
+    there: it serves, and tags turns that arrive with their result."""
+    return serve({"EMOTION_MODEL": str(models("angry90", angry=0.9))}, sdk=PYTHON310)
 
 
 @pytest.fixture(scope="session")
