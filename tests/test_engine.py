@@ -409,17 +409,18 @@ def test_past_max_queue_a_turn_is_refused_before_its_audio_is_decoded(tiny_model
     async def main():
         first = [asyncio.ensure_future(engine.analyze_bytes(f"turn {i}".encode())) for i in range(2)]
         await asyncio.sleep(0.1)
-        started = time.monotonic()
+        third = asyncio.ensure_future(engine.analyze_bytes(b"turn 3"))
+        await asyncio.sleep(0)
+        refused_at_once = third.done()  # answered before its first await: no fetch, no decode, no wait
         with pytest.raises(Overloaded, match="2 turns already in progress"):
-            await engine.analyze_bytes(b"turn 3")
-        refused_in = time.monotonic() - started
+            await third
         results = await asyncio.gather(*first)
         after = await engine.analyze_bytes(b"turn 4")
         await engine.close()
-        return refused_in, results, after
+        return refused_at_once, results, after
 
-    refused_in, results, after = asyncio.run(main())
-    assert refused_in < 0.05 and b"turn 3" not in decoded
+    refused_at_once, results, after = asyncio.run(main())
+    assert refused_at_once and b"turn 3" not in decoded
     assert all(r.emotion for r in results) and after.emotion and engine._turns == 0
 
 
@@ -464,17 +465,15 @@ def test_a_turn_that_would_finish_past_its_deadline_is_refused_at_once(tiny_mode
 
     async def main():
         await engine.analyze_bytes(b"learn the rate")
-        started = time.monotonic()
         turns = [asyncio.ensure_future(engine.analyze_bytes(b"turn")) for _ in range(20)]
         await asyncio.sleep(0)
         refused = [t for t in turns if t.done()]  # refused before their first await
-        refused_in = time.monotonic() - started
         out = await asyncio.gather(*turns, return_exceptions=True)
         await engine.close()
-        return refused, refused_in, out
+        return refused, out
 
-    refused, refused_in, out = asyncio.run(main())
+    refused, out = asyncio.run(main())
     overloaded = [r for r in out if isinstance(r, Overloaded)]
-    assert 5 <= 20 - len(overloaded) <= 12 and refused_in < 0.05  # about 5 clips/s x 2 s admitted
+    assert 5 <= 20 - len(overloaded) <= 12  # about 5 clips/s x 2 s admitted
     assert len(refused) == len(overloaded) and "past the 2 s turn limit" in overloaded[0].message
     assert sum(not isinstance(r, Exception) for r in out) >= 5  # the admitted are served (the last may reach the deadline)

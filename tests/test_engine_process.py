@@ -286,21 +286,19 @@ def test_a_worker_refuses_at_once_what_the_engine_process_could_not_finish(tiny_
         try:
             await worker.start()
             await worker.analyze_bytes(b"learn the rate")
-            started = time.monotonic()
             turns = [asyncio.ensure_future(worker.analyze_bytes(b"turn")) for _ in range(20)]
             await asyncio.sleep(0)
             refused = [t for t in turns if t.done()]  # refused before their first await
-            refused_in = time.monotonic() - started
             out = await asyncio.gather(*turns, return_exceptions=True)
-            return refused, refused_in, out, decoded
+            return refused, out, decoded
         finally:
             await worker.close()
             server.close()
             await engine.close()
 
-    refused, refused_in, out, decoded = asyncio.run(main())
+    refused, out, decoded = asyncio.run(main())
     overloaded = [r for r in out if isinstance(r, Overloaded)]
-    assert 5 <= 20 - len(overloaded) <= 12 and refused_in < 0.05  # about 5 clips/s x 2 s admitted
+    assert 5 <= 20 - len(overloaded) <= 12  # about 5 clips/s x 2 s admitted
     assert len(refused) == len(overloaded) and "past the 2 s turn limit" in overloaded[0].message
     assert len(decoded) == 1 + 20 - len(overloaded)  # no refused turn was decoded
     assert sum(not isinstance(r, Exception) for r in out) >= 5
@@ -433,9 +431,8 @@ def test_a_lost_engine_process_fails_turns_at_once_and_is_restarted(server):
     engine = httpx.get(server.url + "/ready").json()["engine_process"]
     os.kill(engine, signal.SIGKILL)
     time.sleep(0.5)
-    started = time.monotonic()
     slots = slot_events(post(server, rasa_call("c-lost", {"audio": {"base64": b64(wav_bytes(1.0))}})))
-    assert time.monotonic() - started < 2  # no waiting out the turn limit
+    # The reason at once, not "[timeout]" after waiting out the turn limit.
     assert slots["emotion_error"].startswith("[model_unavailable] the engine process") and slots["escalate"] is False
     assert httpx.get(server.url + "/health").status_code == 200
     deadline = time.monotonic() + 120

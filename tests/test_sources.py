@@ -1,6 +1,7 @@
 """Audio references: metadata parsing, inline base64, files under the root, URLs on loopback."""
 
 import asyncio
+import concurrent.futures
 import gzip
 import ipaddress
 import logging
@@ -127,10 +128,12 @@ def test_paths_under_the_root(tmp_path):
         ("big.wav", AudioTooLarge, "limit is 10000"),
         ("missing.wav", FetchFailed, "no such file"),
     ]:
-        started = time.monotonic()
-        with pytest.raises(error, match=message):
-            fetch(AudioRef("path", value), **cfg)
-        assert time.monotonic() - started < 2  # a FIFO must not hang the read
+        pool = concurrent.futures.ThreadPoolExecutor(1)  # a FIFO must not hang the read: a bound, not a speed
+        try:
+            with pytest.raises(error, match=message):
+                pool.submit(fetch, AudioRef("path", value), **cfg).result(timeout=30)
+        finally:
+            pool.shutdown(wait=False)
 
 
 @pytest.mark.parametrize("outside_exists", [True, False])
@@ -336,10 +339,9 @@ def test_http_errors_and_timeouts(http_server):
     http_server.routes["/gz"] = (200, {"Content-Encoding": "gzip"}, gzip.compress(wav_bytes(1.0)))
     with pytest.raises(FetchFailed, match="sent gzip-compressed audio, though asked for none"):
         fetch(AudioRef("url", http_server.url + "/gz"), **allow)
-    started = time.monotonic()
+    # The server sends nothing for 3 s, then closes short: only the 0.5 s limit says timeout.
     with pytest.raises(TimedOut):
         fetch(AudioRef("url", http_server.url + "/slow"), fetch_timeout_s=0.5, **allow)
-    assert time.monotonic() - started < 2.5
 
 
 @pytest.mark.parametrize("url", [
