@@ -33,6 +33,9 @@ GROUPS = ("model", "batching", "audio", "sources", "rules", "api", "alerts", "op
 # that a result copied from a tracker or a log is soon worth nothing.
 RESULT_MAX_AGE_S = 300.0
 MIN_RESULT_KEY_CHARS = 16
+# Read by Rasa Pro's EmotionCommandGenerator (domain_snippets/calm), which may share this
+# environment when Rasa Pro runs the actions itself: not settings of the engine, yet no typo.
+READ_BY_RASA_PRO = ("EMOTION_ANALYZE_URL", "EMOTION_IN_PROCESS")
 # Read no more: each meant something the settings now say apart.
 _RETIRED = {"EMOTION_MAX_QUEUE": "EMOTION_MAX_TURNS_IN_FLIGHT, EMOTION_MAX_QUEUED_CLIPS or EMOTION_MAX_URL_CONNECTIONS"}
 
@@ -158,7 +161,7 @@ class Settings:
         fields = {env_name(f): f for f in dataclasses.fields(cls)}
         values: dict = {}
         for name, raw in environ.items():
-            if not name.startswith("EMOTION_"):
+            if not name.startswith("EMOTION_") or name in READ_BY_RASA_PRO:
                 continue
             if name in _RETIRED:
                 raise ConfigError(f"{name} is no longer read: set {_RETIRED[name]} instead")

@@ -65,6 +65,19 @@ if [ ! -f .rasa-pro-venv/.done ]; then
     .rasa-pro-venv/bin/python -m pip install "${pip_flags[@]}" --no-deps -e .
     touch .rasa-pro-venv/.done
 fi
+# The project with its dependencies (torch, FunASR) beside Rasa Pro, for custom actions run
+# inside Rasa Pro (endpoints.yml: actions_module), where the model loads in Rasa's own
+# process. Every package Rasa Pro installed stays at its version: they constrain the install.
+if [ ! -f ".rasa-pro-venv/.done-project-$stamp" ]; then
+    say ".rasa-pro-venv: torch, FunASR and the project beside Rasa Pro (about 5 minutes)"
+    pins=$(mktemp)
+    .rasa-pro-venv/bin/python -m pip freeze --exclude-editable | grep '==' >"$pins"
+    # shellcheck disable=SC2046
+    .rasa-pro-venv/bin/python -m pip install "${pip_flags[@]}" -c "$pins" $(torch_spec)
+    .rasa-pro-venv/bin/python -m pip install "${pip_flags[@]}" -c "$pins" -e .
+    rm -f "$pins"
+    touch ".rasa-pro-venv/.done-project-$stamp"
+fi
 # Debian's Chromium for the review page's browser test (Playwright drives it).
 if ! command -v chromium >/dev/null 2>&1; then
     say "Chromium for the review page's test (apt)"

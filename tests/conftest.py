@@ -95,7 +95,7 @@ except ImportError:
     collect_ignore = ["rasa_pro"]
 
 _MODEL_FIXTURES = {"models", "tiny_model", "serve", "server", "server_newest", "server_sdk36", "locked_server", "broken_server",
-                   "alert_server", "bot", "engine", "browser"}
+                   "alert_server", "bot", "engine", "browser", "angry90", "pro_action_server"}
 
 
 def pytest_collection_modifyitems(items):
@@ -302,6 +302,36 @@ def alert_server(serve, models, alert_receiver, tmp_path_factory):
     return serve({"EMOTION_MODEL": str(models("angry60", angry=0.6)), "EMOTION_RULES": str(rules),
                   "EMOTION_ALERT_URL": alert_receiver.url + "/alerts", "EMOTION_ALERT_TIMEOUT_S": "0.5",
                   "EMOTION_ALERT_RETRIES": "2"})
+
+
+# The Rasa Pro tests (tests/rasa_pro) run in Rasa Pro's environment; the action server beside
+# Rasa Pro runs where the project's own does, in the main environment.
+MAIN_PYTHON = os.environ.get("MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+
+
+@pytest.fixture(scope="session")
+def angry90(models, tmp_path_factory) -> Path:
+    """A checkpoint that scores every clip angry 0.9: made in this process where torch is,
+    else by the main environment."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        path = tmp_path_factory.mktemp("models") / "angry90"
+        subprocess.run([MAIN_PYTHON, "-m", "emotion", "make-checkpoint", str(path), "--head", "angry=0.9"], cwd=ROOT, check=True,
+                       capture_output=True)
+        return path
+    return models("angry90", angry=0.9)
+
+
+@pytest.fixture(scope="session")
+def pro_action_server(angry90, audio_root, tmp_path_factory):
+    """The action server beside Rasa Pro (angry 0.9; path references under ``audio_root``,
+    URLs on loopback), shared by every Rasa Pro test module. Started, not waited for: it boots
+    while a test trains its assistant; ``.wait()`` before speaking to it."""
+    server = ActionServer({"EMOTION_MODEL": str(angry90), "EMOTION_AUDIO_ROOT": str(audio_root), "EMOTION_URL_ALLOW": "127.0.0.1",
+                           "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))}, python=MAIN_PYTHON)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,13 @@ def test_from_env_parses_every_kind():
     assert (server.rules_path, server.fail_fast, server.api_token) == ("/etc/rules.yml", True, "s3cret")
 
 
+def test_the_rasa_pro_generators_variables_are_no_typos():
+    """With the actions inside Rasa Pro, the engine reads Rasa Pro's environment, where
+    EmotionCommandGenerator's own variables are set too."""
+    config = Settings.from_env({"EMOTION_IN_PROCESS": "true", "EMOTION_ANALYZE_URL": "http://localhost:5055/v1/analyze"})
+    assert config == Settings()
+
+
 def test_the_three_meanings_of_the_old_queue_setting_are_three_settings():
     config = Settings.from_env({"EMOTION_MAX_TURNS_IN_FLIGHT": "8", "EMOTION_MAX_QUEUED_CLIPS": "16", "EMOTION_MAX_URL_CONNECTIONS": "4"})
     assert (config.max_turns_in_flight, config.max_queued_clips, config.max_url_connections) == (8, 16, 4)

@@ -21,6 +21,8 @@ from sanic.exceptions import SanicException
 
 from emotion.engine.backend import Backend, InProcessBackend
 from emotion.engine.core import EmotionEngine
+from emotion.engine.fetch import parse_audio_ref
+from emotion.engine.results import SIGNED_FIELDS, sign_result
 from emotion.errors import ConfigError, EmotionError
 from emotion.rules import EscalationRule, load_rules
 from emotion.serving import api, engine_process, http, metrics
@@ -78,6 +80,43 @@ class EmotionPlugin:
         else:
             backend = InProcessBackend(config, on_batch=metrics.record_batch)
         return EmotionEngine(config, backend=backend, tracer=tracer, freeze_heap=True)  # this process is the server's own
+
+    def start_in_rasa(self, rules: list[EscalationRule]) -> EmotionEngine:
+        """For actions run inside Rasa Pro (``actions_module`` in endpoints.yml), where no action
+        server starts and so no hook of ours runs: Rasa Pro's assistant calls this as it loads
+        (``EmotionCommandGenerator`` with ``in_process``). The settings are read and checked, the
+        actions take the assistant's ``rules`` (those its trained model carries), and the model
+        loads here, in this thread, so the first caller's turn finds it warm. Raises
+        ``ConfigError`` for a bad setting, ``ModelUnavailable`` for a model that cannot load:
+        either stops the assistant."""
+        engine = self.engine
+        if self.config.rules_path is not None and self.rules != list(rules):
+            raise ConfigError(f"EMOTION_RULES={self.config.rules_path} holds other rules than the assistant was trained with: "
+                              "unset it (the assistant's rules then apply to the actions too) or train with that file")
+        self.rules = list(rules)
+        if isinstance(engine.backend, InProcessBackend):
+            engine.backend.load()
+        return engine
+
+    async def analyze_for_rasa(self, audio, timeout_s: float) -> dict:
+        """``metadata.audio`` analysed in this process, answered as ``/v1/analyze`` answers it:
+        the utterance result (signed with ``EMOTION_RESULT_KEY`` when set), or
+        ``{"error": {code, message}}``. Never raises."""
+        engine = self.engine
+        try:
+            result = await asyncio.wait_for(engine.analyze_ref(parse_audio_ref(audio)), timeout_s)
+        except EmotionError as exc:
+            return {"error": exc.as_dict()}
+        except asyncio.TimeoutError:
+            return {"error": {"code": "timeout", "message": f"the analysis took longer than {timeout_s:g} s"}}
+        except Exception:  # a bug must cost this turn its tag, never the conversation
+            log.exception("emotion analysis crashed")
+            return {"error": {"code": "internal", "message": "internal error while analysing the audio"}}
+        out = {k: v for k, v in result.as_dict().items() if k in SIGNED_FIELDS}
+        out["model"] = engine.settings.model
+        if self.config.result_key:
+            out["signature"] = sign_result(out, self.config.result_key)
+        return out
 
     @_hookimpl
     def attach_sanic_app_extensions(self, app) -> None:

@@ -19,6 +19,7 @@ from rasa.shared.core.events import ActionExecuted, SessionStarted, SlotSet, Use
 from rasa.shared.core.flows.yaml_flows_io import YAMLFlowsReader
 from rasa.shared.core.trackers import DialogueStateTracker
 from rasa.shared.core.training_data.structures import StoryGraph
+from rasa.shared.exceptions import InvalidConfigException
 from rasa.shared.importers.importer import FlowSyncImporter
 from rasa.shared.nlu.training_data.message import Message
 from rasa.shared.nlu.training_data.training_data import TrainingData
@@ -132,11 +133,12 @@ def test_history_rules_see_this_sessions_turns_only(bot, generator):
 
 
 def test_a_bad_rules_file_stops_the_server_with_its_line(tmp_path):
+    """As Rasa Pro's own components do: an InvalidConfigException, which its graph runner and
+    load_agent let through (anything else leaves an assistant that ignores every message)."""
     rules = tmp_path / "rules.yml"
     rules.write_text("rules:\n  - name: a\n    emotions: [furious]\n")
-    from emotion.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="rules.yml, line 2"):
+    with pytest.raises(InvalidConfigException, match="rules.yml, line 2"):
         EmotionCommandGenerator.create({"rules": str(rules)}, None, Resource("emotion"), None)
 
 
@@ -167,8 +169,6 @@ def test_with_a_result_key_only_signed_fresh_results_hand_off(bot, monkeypatch):
 
 
 def test_a_short_result_key_stops_the_server(monkeypatch):
-    from emotion.errors import ConfigError
-
     monkeypatch.delenv("EMOTION_RESULT_KEY", raising=False)
-    with pytest.raises(ConfigError, match="result_key: expected at least 16 characters"):
+    with pytest.raises(InvalidConfigException, match="result_key: expected at least 16 characters"):
         EmotionCommandGenerator.create({"rules": str(RULES), "result_key": "short"}, None, Resource("emotion"), None)

@@ -6,14 +6,12 @@ action server (in the project's main environment) with a checkpoint whose head i
 angry 0.9. Mocked, because it cannot run here: Rasa Pro's voice licence check, and the
 recogniser's cloud service (a scripted ASREngine ends each turn after a set number of
 bytes, as an endpointing recogniser would). Also EmotionRestInput under Rasa Pro, whose
-agent (a trained bot, which needs the licence) a recording stub stands in for."""
+agent a recording stub stands in for (test_assistant drives a trained one)."""
 
 import asyncio
 import base64
 import contextlib
 import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict
 from urllib.parse import urlsplit
@@ -22,7 +20,7 @@ import aiohttp
 import pytest
 import rasa.core.processor  # noqa: F401  (imports Rasa Pro's modules in the order its server does)
 import soxr
-from conftest import ESTABLISHED, ROOT, ActionServer, encode, free_port, sockets_to, speech_like
+from conftest import ESTABLISHED, ROOT, encode, free_port, sockets_to, speech_like
 from rasa.core.channels.channel import register
 from rasa.core.channels.conversation_queue.queue import InMemoryConversationQueue
 from rasa.core.channels.voice_ready.utils import CallParameters
@@ -42,20 +40,12 @@ sys.path.insert(0, str(CALM))
 from emotion_calm import EmotionCommandGenerator, EmotionHandoffCommand  # noqa: E402
 from test_calm import new_tracker  # noqa: E402
 
-# The action server runs where torch and FunASR are: the project's main environment.
-MAIN_PYTHON = os.environ.get("MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 FRAME_BYTES = 160  # Twilio sends 20 ms of 8 kHz mu-law per media message
 
 
-@pytest.fixture(scope="module")
-def action_server(tmp_path_factory):
-    checkpoint = tmp_path_factory.mktemp("models") / "angry90"
-    subprocess.run([MAIN_PYTHON, "-m", "emotion", "make-checkpoint", str(checkpoint), "--head", "angry=0.9"],
-                   cwd=ROOT, check=True, capture_output=True)
-    server = ActionServer({"EMOTION_MODEL": str(checkpoint), "_LOG_DIR": str(tmp_path_factory.mktemp("logs"))},
-                          python=MAIN_PYTHON).wait()
-    yield server
-    server.stop()
+@pytest.fixture
+def action_server(pro_action_server):
+    return pro_action_server.wait()
 
 
 @pytest.fixture
@@ -252,7 +242,7 @@ def test_calls_go_on_across_a_restart_of_the_action_server(action_server, analys
 
 def test_the_rest_channel_tags_messages_in_rasa_pro_too(analysis_api):
     """EmotionRestInput served by Rasa Pro's own registration on its Sanic; the agent that
-    handles the message stands in for a trained bot (Rasa Pro's server needs a licence)."""
+    handles the message stands in for a trained bot: this test is about what the channel hands it."""
     received = []
 
     class Agent:
