@@ -12,7 +12,8 @@ from emotion.settings import LABELS
 
 
 def post(server, body):
-    r = httpx.post(server.url + "/webhook", json=body, timeout=30)
+    token = server.env.get("EMOTION_API_TOKEN")  # Rasa sends it with action_endpoint: token
+    r = httpx.post(server.url + "/webhook", json=body, timeout=30, headers={"Authorization": f"Bearer {token}"} if token else {})
     assert r.status_code == 200, r.text
     return r.json()
 
