@@ -107,6 +107,44 @@ def evaluate_rules(history: Sequence[Turn], rules: Sequence[EscalationRule], tex
     return Decision(False)
 
 
+def rule_as_dict(rule: EscalationRule) -> dict[str, Any]:
+    """A rule as its YAML reads, every key given (the review page draws from it)."""
+    return {"name": rule.name, "emotions": sorted(rule.emotions), "min_confidence": rule.min_confidence,
+            "consecutive_turns": rule.consecutive_turns,
+            "at_least": {"turns": rule.at_least[0], "of_last": rule.at_least[1]} if rule.at_least else None,
+            "text_contains": list(rule.text_contains), "cooldown_turns": rule.cooldown_turns, "intents": sorted(rule.intents),
+            "channels": sorted(rule.channels), "action": rule.action}
+
+
+def take_turn(history: Sequence[Turn], turn: Turn, rules: Sequence[EscalationRule], text: str | None = None, *,
+              intent: str | None = None, channel: str | None = None) -> tuple[Decision, list[Turn]]:
+    """What the analyze action does with a new turn: it joins ``history``, the rules decide on
+    it, and a turn on which a rule fired is marked with the rule's name (alerts count for
+    cooldowns too, so a supervisor is not paged on every turn). Returns the decision and the
+    history with the new turn last."""
+    history = [*history, turn]
+    decision = evaluate_rules(history, rules, text, intent=intent, channel=channel)
+    if decision.fired:
+        history[-1] = Turn(turn.emotion, turn.confidence, decision.rule)
+    return decision, history
+
+
+def replay_turns(turns: Sequence[Turn], rules: Sequence[EscalationRule], *, history_turns: int = 20, text: str | None = None,
+                 intent: str | None = None, channel: str | None = None) -> list[Decision]:
+    """Each turn's decision, the turns taken in order as one conversation's, the way the
+    analyze action takes them: the history kept between turns is the ``emotion_history``
+    slot's, its last ``history_turns`` turns with confidences rounded as the slot holds them.
+    The review page marks a recording's segments with it, one segment a turn."""
+    kept: list[Turn] = []
+    decisions = []
+    for turn in turns:
+        decision, history = take_turn(kept, turn, rules, text, intent=intent, channel=channel)
+        last = Turn.from_dict(history[-1].as_dict())  # as the next turn reads it back from the slot
+        kept = [*history[-history_turns:-1], last]
+        decisions.append(decision)
+    return decisions
+
+
 # Scripts written without spaces between words: a keyword there is matched as a substring.
 _UNSEGMENTED = re.compile(r"[\u0e00-\u0eff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 

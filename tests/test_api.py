@@ -200,10 +200,25 @@ def test_503_with_retry_after_when_the_model_is_unavailable(broken_server):
 def test_one_channel_of_a_stereo_recording(server):
     stereo = encode(np.stack([speech_like(2.0, seed=1), speech_like(2.0, seed=2)], axis=1), 16000, "WAV", "PCM_16")
     for params in ({"channel": "1"}, {"channel": "mix"}):
-        assert_result(analyze(server, content=stereo, params=params, headers={"Content-Type": "audio/wav"}).json())
+        body = analyze(server, content=stereo, params=params, headers={"Content-Type": "audio/wav"}).json()
+        assert_result(body)
+        assert body["channels"] == 2  # from the header: a client can offer each
     r = analyze(server, content=stereo, params={"channel": "2"}, headers={"Content-Type": "audio/wav"})
     assert r.status_code == 400 and "the audio has 2 channels" in r.json()["error"]["message"]
     r = analyze(server, json={"audio": {"base64": b64(stereo), "channel": 5}})
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_reference"
     slots = slot_events(httpx.post(server.url + "/webhook", json=rasa_call("c-stereo", {"audio": {"base64": b64(stereo), "channel": 3}})).json())
     assert slots["emotion_error"].startswith("[bad_reference] channel 3 asked for; the audio has 2 channels")
+
+
+def test_where_the_servers_rules_fire(server):
+    """rule_hits: the server's own rules (the default, angry >= 0.7 with a 10-turn cooldown)
+    on each segment taken as a turn, in order; an utterance is one turn."""
+    r = analyze(server, files={"audio_file": ("turn.wav", wav_bytes(4.0), "audio/wav")}, data={"granularity": "segment", "rule_hits": "true"})
+    assert r.json()["rule_hits"] == [{"segment": 0, "start_s": 0.0, "end_s": 3.0, "rule": "angry_caller", "action": "handoff",
+                                      "reason": "angry_caller: angry 0.90 >= 0.70"}]
+    body = analyze(server, json={"audio": {"base64": b64(wav_bytes(1.0))}, "rule_hits": True}).json()
+    assert [(h["segment"], h["start_s"], h["end_s"]) for h in body["rule_hits"]] == [(0, 0.0, body["duration_s"])]
+    assert "rule_hits" not in analyze(server, content=wav_bytes(1.0), headers={"Content-Type": "audio/wav"}).json()
+    r = analyze(server, content=wav_bytes(1.0), params={"rule_hits": "maybe"}, headers={"Content-Type": "audio/wav"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "rule_hits 'maybe': expected true or false"

@@ -190,6 +190,83 @@ def test_evaluate_gives_the_exact_confusion_matrix_of_a_hand_set_head(models, tm
                                 f"{tmp_path / 'a1.wav'}: error [unknown_label] label 'xxx' is not one of ours; map it with --map"]
 
 
+CALIBRATED_RULES = ("rules:\n  - name: angry_caller\n    emotions: [angry]\n    min_confidence: 0.7\n    cooldown_turns: 10\n"
+                    "  - name: sad_watch\n    emotions: sad\n    min_confidence: 0.5\n    action: alert\n")
+
+
+def test_calibrate_finds_the_thresholds_of_scores_known_exactly(models, tmp_path, capsys):
+    """Each group of files is scored by its own hand-set head (``analyze --csv``), so every
+    score, and so every figure, is known: angry 0.9 on 4 angry turns and 1 neutral, angry 0.6
+    on 2 angry and 2 neutral, sad 0.7 on 3 sad and 1 neutral."""
+    from emotion.rules import load_rules
+
+    groups = {models("angry90", angry=0.9): ["ang"] * 4 + ["neu", "broken"], models("angry60", angry=0.6): ["ang", "ang", "neu", "neu"],
+              models("sad70", sad=0.7): ["sad", "sad", "sad", "neu"]}
+    rows, csvs = ["file,label"], []
+    for g, (model, labels) in enumerate(groups.items()):
+        names = [f"{g}-{i}.wav" for i in range(len(labels))]
+        for i, (name, label) in enumerate(zip(names, labels)):
+            (tmp_path / name).write_bytes(b"nope" if label == "broken" else encode(speech_like(1.0, seed=10 * g + i), 16000, "WAV", "PCM_16"))
+            rows.append(f"{name},{'ang' if label == 'broken' else label}")
+        csvs.append(tmp_path / f"scores-{g}.csv")
+        run_main(capsys, "analyze", *[tmp_path / n for n in names], "--model", model, "--csv", csvs[-1])
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "rules.yml").write_text(CALIBRATED_RULES)
+    common = [tmp_path / "labels.csv", "--rules", tmp_path / "rules.yml", "--map", "angry=ang,neutral=neu"]
+
+    code, out = run_main(capsys, "calibrate", *common, "--scores", *csvs, "--precision", "0.75", "--min-positives", "4", "--json",
+                         "--plot", tmp_path / "pr.png", "--suggest-rules", tmp_path / "suggested.yml")
+    report = json.loads(out)
+    assert code == 0
+    assert (report["turns"], report["labelled"], report["failed"]) == (13, {"angry": 6, "neutral": 4, "sad": 3}, {"decode_failed": 1})
+    angry, sad = report["targets"]
+    # angry: 9 turns flagged up to 0.60 (6 angry), 5 from 0.61 to 0.90 (4 angry), none above.
+    curve = {p["threshold"]: (p["flagged"], p["true_positives"], p["precision"], p["recall"]) for p in angry["curve"]}
+    assert curve[0.0] == curve[0.6] == (9, 6, 0.6667, 1.0)
+    assert curve[0.61] == curve[0.9] == (5, 4, 0.8, 0.6667)
+    assert curve[0.91] == curve[1.0] == (0, 0, None, 0.0)
+    assert angry["rules"] == [{"name": "angry_caller", "threshold": 0.7, "precision": 0.8, "recall": 0.6667, "flagged": 5,
+                               "true_positives": 4, "escalations_per_1000": 384.6}]
+    assert {k: angry[k] for k in ("positives", "threshold", "precision", "recall", "escalations_per_1000", "reliable", "recommended")} == {
+        "positives": 6, "threshold": 0.61, "precision": 0.8, "recall": 0.6667, "escalations_per_1000": 384.6, "reliable": True,
+        "recommended": 0.61}
+    # sad: 3 of the 4 turns it flags are sad, precision 0.75 from 0.00 on; 3 labelled turns, fewer than 4.
+    assert (sad["positives"], sad["threshold"], sad["precision"], sad["reliable"], sad["recommended"]) == (3, 0.0, 0.75, False, None)
+    assert sad["note"] == "0.00 is unreliable, not recommended: measured on 3 labelled sad turns of 13, fewer than 4"
+
+    suggested = load_rules(tmp_path / "suggested.yml")
+    assert [(r.name, r.min_confidence, r.cooldown_turns, r.action) for r in suggested] == [
+        ("angry_caller", 0.61, 10, "handoff"), ("sad_watch", 0.5, 0, "alert")]
+    text = (tmp_path / "suggested.yml").read_text()
+    assert "# angry: 0.61 (was 0.7): the lowest threshold with precision >= 0.75 on 6 labelled angry turns of 13:" in text
+    assert "# sad: kept at 0.5: 0.00 is unreliable, not recommended" in text
+    assert (tmp_path / "pr.png").read_bytes()[:4] == b"\x89PNG"
+
+    code, text = run_main(capsys, "calibrate", *common, "--scores", *csvs, "--precision", "0.75", "--min-positives", "4")
+    lines = text.splitlines()
+    assert lines[0] == ("calibrated on 13 labelled turns (failed: 1); target precision 0.75; a threshold is recommended only "
+                        "from at least 4 labelled turns of its emotion")
+    assert lines[2:5] == [
+        "angry: 6 labelled angry turns of 13",
+        "  now      angry_caller 0.70: precision 0.8000 (4 of 5 flagged), recall 0.6667 (of 6 angry), 384.6 escalations per 1,000 turns",
+        "  lowest reaching precision 0.75: 0.61: precision 0.8000 (4 of 5 flagged), recall 0.6667 (of 6 angry), 384.6 escalations "
+        "per 1,000 turns (recommended)"]
+    assert [line.split() for line in lines[7:10]] == [["0.00-0.60", "0.6667", "1.0000", "9"], ["0.61-0.90", "0.8000", "0.6667", "5"],
+                                                       ["0.91-1.00", "-", "0.0000", "0"]]
+    assert "UNRELIABLE, not recommended" in text
+
+    # Through the model, as most runs go: the angry-0.9 head on every file reaches no target.
+    code, out = run_main(capsys, "calibrate", *common, "--model", models("angry90", angry=0.9), "--json")
+    report = json.loads(out)
+    assert (code, report["turns"], report["test_checkpoint"], report["target_precision"], report["min_positives"]) == (0, 13, True, 0.9, 30)
+    angry, sad = report["targets"]
+    assert angry["rules"][0] | {"name": None} == {"name": None, "threshold": 0.7, "precision": 0.4615, "recall": 1.0, "flagged": 13,
+                                                  "true_positives": 6, "escalations_per_1000": 1000.0}
+    assert (angry["threshold"], angry["recommended"]) == (None, None)
+    assert angry["note"] == "no threshold reaches precision 0.9 on 6 labelled angry turns of 13 (the best is 0.4615, at 0.00)"
+    assert sad["note"] == "no threshold reaches precision 0.9 on 3 labelled sad turns of 13 (no turn is flagged)"
+
+
 def test_send_turn_to_servers_that_are_not_there_or_not_rasa(files, http_server, capsys):
     """A wrong address or port is an error line and exit 2, not a traceback."""
     from emotion.tools.cli import main
@@ -310,6 +387,7 @@ def test_progress_bar_says_it_is_loading_and_moves_file_by_file(files, models, m
     ("analyze", ["(default: utterance)", "(default: 0.7)", "(default: EMOTION_MODEL, else iic/emotion2vec_plus_large)",
                  "(default: EMOTION_DEVICE, else auto)", "(default: the mix)"]),
     ("evaluate", ["(default: EMOTION_MODEL, else iic/emotion2vec_plus_large)", "(default: EMOTION_DTYPE, else auto)"]),
+    ("calibrate", ["(default: 0.9)", "(default: 30)", "(default: EMOTION_RULES, else the default rules)"]),
     ("send-turn", ["(default: http://localhost:5005)", "(default: caller-1)", "(default: api)",
                    "(default: http://localhost:5055/v1/analyze)"]),
     ("make-checkpoint", ["(default: tiny)", "(default: 0)", "(default: random)"]),

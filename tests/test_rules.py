@@ -191,3 +191,18 @@ def test_alert_rules_fire_without_handing_off():
     assert not evaluate_rules([Turn("happy", 0.9)], rules).fired
     with pytest.raises(ConfigError, match="line 2: rule 'a': 'action' must be one of handoff, alert, got 'page'"):
         parse_rules("rules:\n  - name: a\n    emotions: [angry]\n    action: page\n")
+
+
+def test_replaying_turns_decides_each_as_the_analyze_action_would():
+    """The review page's marks: each turn decided on the history the action keeps between
+    turns (the slot's last history_turns turns, confidences rounded to 4 places)."""
+    from emotion.rules import replay_turns
+
+    turns = h(("angry", 0.9), ("angry", 0.9), ("angry", 0.6), ("angry", 0.9), ("angry", 0.9), ("angry", 0.9), ("angry", 0.9))
+    assert [d.rule for d in replay_turns(turns, [COOL])] == ["cool", None, None, None, "cool", None, None]
+    assert [d.rule for d in replay_turns(turns, [TWICE, COOL])] == ["cool"] + ["twice"] * 6
+    # Two turns kept: the cooldown no longer sees an escalation three turns back.
+    assert [d.rule for d in replay_turns(turns, [COOL], history_turns=2)] == ["cool", None, None, "cool", None, None, "cool"]
+    # 0.69996 is below 0.7 as it comes, and 0.7 as the slot keeps it for the next turn.
+    two = EscalationRule("two", frozenset({"angry"}), 0.7, consecutive_turns=2)
+    assert [d.fired for d in replay_turns(h(("angry", 0.69996), ("angry", 0.7)), [two])] == [False, True]

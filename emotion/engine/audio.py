@@ -80,6 +80,19 @@ def decode_audio(
     return mono
 
 
+def channel_count(data: bytes, encoding: str | None = None) -> int | None:
+    """How many channels the audio's header declares (1 for headerless audio), or ``None``
+    where the header does not read; nothing is decoded. The review page offers one channel
+    at a time of a recording that has several."""
+    if encoding is not None:
+        return 1
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            return int(f.channels)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return None
+
+
 def _check_header(rate: int, channels: int, frames: int, max_seconds: float, channel: int | None) -> int:
     """Refuse what the header says is over a cap; return how many frames may be read."""
     if rate <= 0 or channels <= 0:

@@ -150,6 +150,7 @@ class InProcessBackend:
             "device": str(model.device) if model else None,
             "dtype": model.dtype_name if model else None,
             "labels": model.labels if model else None,
+            "test_checkpoint": model.test_checkpoint if model else None,
             "max_batch_size": self.max_batch_size if model else None,
             "queue_depth": self._batcher.depth if self._batcher else 0,
             "graph_compiles_after_ready": model.compiled_graphs() - self._graphs_at_ready if self.warm else None,

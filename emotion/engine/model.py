@@ -91,6 +91,8 @@ class EmotionModel:
                 raise ModelUnavailable(f"{model}: EMOTION_LABELS names {missing}, which this model lacks (it has {self.labels})")
             self._keep = [i for i, lab in zip(self._keep, self.labels) if lab in labels]
             self.labels = [lab for lab in self.labels if lab in labels]
+        # make-checkpoint's marker: random weights, scores that mean nothing (/ready says so).
+        self.test_checkpoint = bool(auto.kwargs.get("test_checkpoint"))
         self.embed_dim = int(self.net.cfg.get("embed_dim"))
         self._lock = threading.Lock()
         self._head: Head | None = None

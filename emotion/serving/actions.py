@@ -16,7 +16,7 @@ from rasa_sdk.executor import CollectingDispatcher
 from emotion.engine.fetch import parse_audio_ref
 from emotion.engine.results import EmotionResult, result_from_metadata
 from emotion.errors import EmotionError, loggable
-from emotion.rules import Turn, evaluate_rules
+from emotion.rules import Turn, take_turn
 from emotion.serving import metrics
 from emotion.serving.plugin import PLUGIN
 
@@ -66,12 +66,10 @@ class ActionAnalyzeEmotion(Action):
 def _tagged(tracker: Tracker, message: dict, result: EmotionResult) -> list[dict[str, Any]]:
     config = PLUGIN.config
     history = [t for t in map(Turn.from_dict, session_history(tracker)) if t]
-    history.append(Turn(result.emotion, result.confidence))
     intent = (message.get("intent") or {}).get("name")
-    decision = evaluate_rules(history, PLUGIN.rules, message.get("text"), intent=intent, channel=tracker.get_latest_input_channel())
+    decision, history = take_turn(history, Turn(result.emotion, result.confidence), PLUGIN.rules, message.get("text"),
+                                  intent=intent, channel=tracker.get_latest_input_channel())
     if decision.fired:
-        # Alerts count for cooldowns too, so a supervisor is not paged on every turn.
-        history[-1] = Turn(result.emotion, result.confidence, decision.rule)
         metrics.ESCALATIONS.labels(decision.rule).inc()
         if PLUGIN.alerts is not None:
             PLUGIN.alerts.send({

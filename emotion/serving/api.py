@@ -8,20 +8,23 @@ the engine's micro-batcher with Rasa turns. Sanic only; no Rasa.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sanic import response
 from sanic.headers import parse_content_header
 from sanic.request import parse_multipart_form
 
+from emotion.engine.audio import channel_count
 from emotion.engine.core import EmotionEngine
 from emotion.engine.fetch import parse_audio_ref, parse_channel
 from emotion.engine.results import sign_result
 from emotion.errors import AudioTooLarge, BadReference, EmotionError, ModelUnavailable, Overloaded
+from emotion.rules import EscalationRule, Turn, replay_turns
 from emotion.serving import metrics
 from emotion.serving.http import error
 from emotion.settings import GRANULARITIES, Settings
@@ -66,11 +69,13 @@ class _Uploads:
 _UPLOADS = _Uploads()
 
 
-def add_routes(app, settings: Callable[[], tuple[EmotionEngine, Settings]]) -> None:
-    """``settings`` gives the process's engine and server settings when a request comes."""
+def add_routes(app, settings: Callable[[], tuple[EmotionEngine, Settings]],
+               rules: Callable[[], Sequence[EscalationRule]] = lambda: ()) -> None:
+    """``settings`` gives the process's engine and server settings when a request comes,
+    ``rules`` its escalation rules (for ``rule_hits``)."""
 
     async def analyze(request):
-        return await _answer(request, *settings(), _analyze)
+        return await _answer(request, *settings(), functools.partial(_analyze, rules=rules))
 
     async def predict(request):
         return await _answer(request, *settings(), _predict)
@@ -147,15 +152,17 @@ async def _read_body(request, cap: int, config: Settings) -> tuple[bytes, int]:
     return b"".join(chunks), held
 
 
-async def _analyze(request, body: bytes, engine: EmotionEngine, config: Settings):
+async def _analyze(request, body: bytes, engine: EmotionEngine, config: Settings, *, rules=lambda: ()):
     kind = parse_content_header(request.headers.get("content-type", ""))[0].lower()
+    audio = None  # the uploaded bytes, whose header says how many channels there are
     if kind == "multipart/form-data":
         fields, upload = _form(request, body, "audio_file")
         clash = sorted(k for k, v in request.args.items() if k in fields and fields[k] != v[0])
         if clash:
             raise BadRequest(f"{', '.join(clash)} given both as form field and query parameter, with different values")
         options = _options({**dict(request.args), **fields})
-        result = await _analyze_bytes(engine, upload.body, options)
+        audio = upload.body
+        result = await _analyze_bytes(engine, audio, options)
     elif kind == "application/json":
         try:
             data = json.loads(body)
@@ -168,7 +175,8 @@ async def _analyze(request, body: bytes, engine: EmotionEngine, config: Settings
                                           embeddings=options["embedding"])
     elif kind.startswith("audio/") or kind == "application/octet-stream":
         options = _options(dict(request.args))
-        result = await _analyze_bytes(engine, body, options)
+        audio = body
+        result = await _analyze_bytes(engine, audio, options)
     else:
         raise BadRequest(f"unsupported Content-Type {kind or 'none'!r}: send multipart/form-data, audio/*, "
                          "application/octet-stream or application/json")
@@ -183,6 +191,13 @@ async def _analyze(request, body: bytes, engine: EmotionEngine, config: Settings
             raise AudioTooLarge(f"frame embeddings of this audio are {result.frame_embeddings.size} numbers; the limit is "
                                 f"{MAX_FRAME_EMBEDDING_VALUES}: ask for segment granularity or the utterance embedding")
         out["frame_embeddings"] = result.frame_embeddings
+    if audio is not None:
+        channels = await asyncio.to_thread(channel_count, audio, options["encoding"])
+        if channels is not None:
+            out["channels"] = channels
+    if options["rule_hits"]:
+        # Off the event loop too: an hour of 20 ms frames is 180,000 turns to replay.
+        out["rule_hits"] = await asyncio.to_thread(_rule_hits, result, rules(), config.history_turns)
     # Off the event loop: a long turn's frames are megabytes of JSON.
     body = await asyncio.to_thread(_json, out)
     return response.raw(body, content_type="application/json"), result
@@ -199,6 +214,18 @@ async def _predict(request, body: bytes, engine: EmotionEngine, _config: Setting
     result = await engine.analyze_bytes(upload.body)
     return response.json({"filename": upload.name, "emotion": result.emotion, "confidence": round(result.confidence, 6),
                           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}), result
+
+
+def _rule_hits(result, rules: Sequence[EscalationRule], history_turns: int) -> list[dict[str, Any]]:
+    """Where the server's rules fire, each segment (or frame) taken as a turn of one
+    conversation, in order, by the same evaluation the analyze action runs; without a
+    transcript, intent or input channel, so a rule that needs one of them never fires here.
+    An utterance result is one turn."""
+    parts = result.segments if result.segments is not None else [result]
+    decisions = replay_turns([Turn(p.emotion, p.confidence) for p in parts], rules, history_turns=history_turns)
+    return [{"segment": i, "start_s": round(getattr(p, "start_s", 0.0), 3),
+             "end_s": round(getattr(p, "end_s", result.duration_s), 3), "rule": d.rule, "action": d.action, "reason": d.reason}
+            for i, (p, d) in enumerate(zip(parts, decisions)) if d.fired]
 
 
 def _json(out: dict) -> bytes:
@@ -228,13 +255,7 @@ def _options(raw: dict[str, Any]) -> dict[str, Any]:
     granularity = raw.get("granularity") or "utterance"
     if granularity not in GRANULARITIES:
         raise BadRequest(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-    embedding = raw.get("return_embedding", False)
-    if isinstance(embedding, str):
-        if embedding.lower() not in ("true", "false", "1", "0", ""):
-            raise BadRequest(f"return_embedding {embedding!r}: expected true or false")
-        embedding = embedding.lower() in ("true", "1")
-    elif not isinstance(embedding, bool):
-        raise BadRequest("return_embedding must be true or false")
+    embedding, hits = _flag(raw, "return_embedding"), _flag(raw, "rule_hits")
     encoding, rate = raw.get("encoding") or None, raw.get("sample_rate") or None
     if rate is not None:
         try:
@@ -242,4 +263,15 @@ def _options(raw: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
             raise BadReference(f"sample_rate {rate!r}: expected a whole number of Hz") from None
     return {"granularity": granularity, "embedding": embedding, "encoding": encoding, "sample_rate": rate,
-            "channel": parse_channel(raw.get("channel"))}
+            "channel": parse_channel(raw.get("channel")), "rule_hits": hits}
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", ""):
+            raise BadRequest(f"{key} {value!r}: expected true or false")
+        return value.lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key} must be true or false")
+    return value

@@ -24,7 +24,7 @@ from emotion.engine.core import EmotionEngine
 from emotion.engine.fetch import parse_audio_ref
 from emotion.engine.results import SIGNED_FIELDS, sign_result
 from emotion.errors import ConfigError, EmotionError
-from emotion.rules import EscalationRule, load_rules
+from emotion.rules import EscalationRule, load_rules, rule_as_dict
 from emotion.serving import api, engine_process, http, metrics
 from emotion.serving.alerts import AlertSender
 from emotion.serving.engine_process import ENGINE_SOCKET_ENV, EngineProcessBackend
@@ -130,8 +130,8 @@ class EmotionPlugin:
         app.register_listener(self._after_stop, "after_server_stop")
         app.add_route(self._ready, "/ready", methods=["GET"], name="emotion_ready")
         app.add_route(self._metrics, "/metrics", methods=["GET"], name="emotion_metrics")
-        app.add_route(self._review_page, "/ui", methods=["GET"], name="emotion_ui")
-        api.add_routes(app, self.settings)
+        app.add_route(self._review_page, "/ui", methods=["GET"], name="emotion_ui", strict_slashes=False)  # /ui/ too
+        api.add_routes(app, self.settings, lambda: self.rules)
         http.install(app, lambda: self.settings()[1])
 
     def settings(self) -> tuple[EmotionEngine, Settings]:
@@ -206,7 +206,7 @@ class EmotionPlugin:
 
     async def _review_page(self, _request):
         self.settings()
-        rules = [{"name": r.name, "emotions": sorted(r.emotions), "min_confidence": r.min_confidence} for r in self.rules]
+        rules = [rule_as_dict(r) for r in self.rules]
         nonce = secrets.token_urlsafe(16)
         page = REVIEW_PAGE.read_text(encoding="utf-8").replace("__NONCE__", nonce)
         return response.html(page.replace("__RULES__", json.dumps(rules).replace("</", "<\\/")), headers={

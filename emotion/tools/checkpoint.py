@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+TEST_CHECKPOINT_KEY = "test_checkpoint"  # in config.yaml; read by emotion.engine.model
 TOKENS = ["生气/angry", "厌恶/disgusted", "恐惧/fearful", "开心/happy", "中立/neutral", "其他/other", "难过/sad", "吃惊/surprised", "<unk>"]
 
 # Sizes of the released models: plus_large is ~162 M parameters, plus_base ~93 M.
@@ -88,7 +89,12 @@ def write_checkpoint(
             net.proj.weight.zero_()
             net.proj.bias.copy_(head_bias(tokens, head_probs))
     torch.save(net.state_dict(), directory / "model.pt")
-    (directory / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    # The model loader reports this key (/ready's ``test_checkpoint``), so that nobody takes
+    # these scores for a real model's; FunASR passes unknown keys by.
+    config[TEST_CHECKPOINT_KEY] = {"random_weights": True, "head": head_probs, "seed": seed}
+    (directory / "config.yaml").write_text(
+        "# Written by `python -m emotion make-checkpoint`: random weights, for tests and benchmarks only.\n"
+        + yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
     (directory / "tokens.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     return directory
 

@@ -1,4 +1,4 @@
-"""``python -m emotion``: analyze and evaluate files, send a voice turn to Rasa, check settings, make test checkpoints."""
+"""``python -m emotion``: analyze, evaluate and calibrate on files, send a voice turn to Rasa, check settings, make test checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from emotion.errors import EmotionError
 from emotion.settings import GRANULARITIES, Settings, reference_markdown
+from emotion.tools.calibrate import DEFAULT_MIN_POSITIVES, DEFAULT_PRECISION
 from emotion.tools.console import Progress, quiet_libraries
 from emotion.tools.exports import AUDIO_SUFFIXES
 
@@ -61,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON (failed files in failed_files)")
     evaluate.add_argument("--plot", metavar="PNG", help="draw the confusion matrix")
 
+    calibrate = command("calibrate", "escalation thresholds from your own labelled recordings")
+    calibrate.add_argument("labels", help="CSV with columns file,label (files relative to the CSV)")
+    _model_args(calibrate)
+    calibrate.add_argument("--map", default="", metavar="OURS=THEIRS,...", help="dataset label names, e.g. angry=ang,happy=hap")
+    calibrate.add_argument("--rules", metavar="YAML", help="the rules to calibrate (default: EMOTION_RULES, else the default rules)")
+    calibrate.add_argument("--precision", type=_fraction, default=DEFAULT_PRECISION,
+                           help="target precision: the lowest threshold reaching it is suggested")
+    calibrate.add_argument("--min-positives", type=int, default=DEFAULT_MIN_POSITIVES, metavar="N",
+                           help="labelled turns of an emotion needed before its threshold is recommended")
+    calibrate.add_argument("--scores", nargs="+", metavar="CSV",
+                           help="take the scores from `analyze --csv` files (one row per file) instead of running the model")
+    calibrate.add_argument("--json", action="store_true", help="print the report as JSON (the review page draws it)")
+    calibrate.add_argument("--plot", metavar="PNG", help="draw precision against recall, the rules' thresholds marked")
+    calibrate.add_argument("--suggest-rules", metavar="YAML", help="write the rules with the recommended thresholds, each commented")
+
     send = command("send-turn", "send a voice turn to Rasa, as a voice gateway would")
     send.add_argument("audio", help="an audio file (or, with --url, a URL)")
     send.add_argument("--rasa", default="http://localhost:5005", help="Rasa's address")
@@ -106,6 +122,15 @@ def _run(args: argparse.Namespace) -> int:
         from emotion.tools.evaluate import evaluate
 
         return evaluate(EmotionEngine(config_from_args(args, warmup=False)), args)
+    if args.command == "calibrate":
+        from emotion.tools.calibrate import calibrate
+
+        engine = None
+        if not args.scores:
+            from emotion.engine.core import EmotionEngine
+
+            engine = EmotionEngine(config_from_args(args, warmup=False))
+        return calibrate(engine, args)
     if args.command == "settings":
         return _settings(args)
     if args.command == "send-turn":
@@ -119,6 +144,13 @@ def _run(args: argparse.Namespace) -> int:
         head = {k: float(v) for k, v in (item.split("=", 1) for item in args.head)}
     print(write_checkpoint(args.directory, size=args.size, head_probs=head, seed=args.seed))
     return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number in (0, 1]")
+    return value
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:

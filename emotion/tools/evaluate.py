@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,35 +39,57 @@ def confusion_report(truth: list[str], predicted: list[str], labels: list[str]) 
     }
 
 
-def evaluate(engine, args) -> int:
+def label_map(text: str) -> dict[str, str]:
+    """``--map angry=ang,happy=hap``: the dataset's label names to ours."""
     theirs_to_ours = {}
-    for pair in filter(None, (p.strip() for p in args.map.split(","))):
+    for pair in filter(None, (p.strip() for p in text.split(","))):
         ours, _, theirs = pair.partition("=")
         theirs_to_ours[theirs.strip()] = ours.strip()
-    base = Path(args.labels).parent
-    with open(args.labels, newline="", encoding="utf-8") as f:
+    return theirs_to_ours
+
+
+def read_labels(path: str) -> list[tuple[str, str, int]]:
+    """The rows of a ``file,label`` CSV: (the file, relative to the CSV's folder; the label;
+    the row's line in the CSV)."""
+    base = Path(path).parent
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        rows = [(r["file"], r["label"].strip(), reader.line_num) for r in reader]
+        return [(str(base / r["file"]), r["label"].strip(), reader.line_num) for r in reader]
+
+
+def labelled_results(results, rows: list[tuple[str, str, int]], labels: Callable[[], list[str]], mapping: dict[str, str], *,
+                     progress: Progress, quiet: bool):
+    """Each row's truth beside its result, ``(truth, emotion, confidence)``, from ``results``
+    (``(file, result or error)`` in the rows' order); the files that failed or carry a label
+    that is not ours are counted by code and named, each on stderr unless ``quiet``.
+    ``labels`` gives ours once a result came (a model's are known once it has loaded)."""
     failures: Counter = Counter()
-    failed_files = []
-    truth, predicted = [], []
-    files = [str(base / file) for file, _, _ in rows]
+    failed_files, scored = [], []
+    for (name, result), (_file, label, line) in zip(results, rows):
+        ours = mapping.get(label, label)
+        if isinstance(result, dict):
+            failure = result
+        elif ours not in labels():
+            failure = {"code": "unknown_label", "message": f"label {label!r} is not one of ours; map it with --map"}
+        else:
+            scored.append((ours, result.emotion, result.confidence))
+            continue
+        failures[failure["code"]] += 1
+        failed_files.append({"file": name, "line": line, **failure})
+        if not quiet:
+            progress.write(f"{name}: error [{failure['code']}] {failure['message']}", err=True)
+    return scored, failures, failed_files
+
+
+def evaluate(engine, args) -> int:
+    rows = read_labels(args.labels)
+    files = [file for file, _, _ in rows]
     with Progress(len(files)) as progress:
         results = analyze_files(engine, files, progress=progress, hold_library_output=not args.verbose)
-        for (name, result), (_file, label, line) in zip(results, rows):
-            ours = theirs_to_ours.get(label, label)
-            if isinstance(result, dict):
-                failure = result
-            elif ours not in engine.labels:
-                failure = {"code": "unknown_label", "message": f"label {label!r} is not one of ours; map it with --map"}
-            else:
-                truth.append(ours)
-                predicted.append(result.emotion)
-                continue
-            failures[failure["code"]] += 1
-            failed_files.append({"file": name, "line": line, **failure})
-            if not args.json:
-                progress.write(f"{name}: error [{failure['code']}] {failure['message']}", err=True)
+        scored, failures, failed_files = labelled_results(results, rows, lambda: engine.labels, label_map(args.map),
+                                                          progress=progress, quiet=args.json)
+    truth = [t for t, _, _ in scored]
+    predicted = [p for _, p, _ in scored]
     labels = [lab for lab in engine.labels if lab in truth or lab in predicted]
     report = confusion_report(truth, predicted, labels)
     report["failed"] = dict(failures)
