@@ -104,6 +104,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.model)
+    # Modules that need no session server run first, while the servers boot; a module stays
+    # whole so its module-scoped fixtures are made once.
+    late = {item.module for item in items if _session_servers(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: item.module in late)
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +138,7 @@ class ActionServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env, self.python = env, python
+        self.ready = False
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "SANIC_HOST": "127.0.0.1", **env}
         self.log = open(Path(env.get("_LOG_DIR", "/tmp")) / f"action-server-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -145,6 +150,8 @@ class ActionServer:
 
     def wait(self, ready: bool = True, timeout_s: float = 120.0) -> ActionServer:
         """Until /ready answers (the model loaded, or failed to), or with ready=False /health."""
+        if ready and self.ready:
+            return self
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -152,6 +159,7 @@ class ActionServer:
             try:
                 r = httpx.get(self.url + ("/ready" if ready else "/health"), timeout=2)
                 if r.status_code == 200 or (not ready and r.status_code == 503) or (ready and r.json().get("error")):
+                    self.ready = ready
                     return self
             except httpx.HTTPError:
                 pass
@@ -191,15 +199,28 @@ SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_ser
 WORKERS = {"ACTION_SERVER_SANIC_WORKERS": "2"}  # two Sanic workers share an engine process
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _servers_up(request):
-    """Starts every session server the selected tests use, all at once (a start is mostly
-    single-threaded imports, so two cores start two in the time of one), and waits for them."""
-    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+def _session_servers(names) -> set[str]:
+    wanted = set(names) & set(PRESTARTED + SESSION_SERVERS + ("server",))
     if "server" in wanted:
         wanted |= {"server_newest", "server_sdk36"}
-    for started in [request.getfixturevalue(name) for name in PRESTARTED + SESSION_SERVERS if name in wanted]:
-        started.wait()
+    return wanted - {"server"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _servers_up(request):
+    """Starts every session server the selected tests use, all at once, and waits for none:
+    the tests that need no server run first (see pytest_collection_modifyitems) while these
+    boot, and each test waits for the servers it uses."""
+    wanted = _session_servers(name for item in request.session.items for name in getattr(item, "fixturenames", ()))
+    for name in PRESTARTED + SESSION_SERVERS:
+        if name in wanted:
+            request.getfixturevalue(name)
+
+
+@pytest.fixture(autouse=True)
+def _servers_ready(request):
+    for name in _session_servers(request.fixturenames):
+        request.getfixturevalue(name).wait()
 
 
 @pytest.fixture(scope="session")
@@ -217,6 +238,8 @@ def serve(tmp_path_factory):
         return server
 
     yield start
+    for server in servers:  # all asked to stop first: each takes a while to wind down
+        server.proc.terminate()
     for server in servers:
         server.stop()
 
