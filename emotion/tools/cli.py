@@ -158,7 +158,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, alias (plus_large, plus_base, ...) or local directory "
                                         f"(default: EMOTION_MODEL, else {defaults.model})")
     parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: EMOTION_DEVICE, else {defaults.device})")
-    parser.add_argument("--dtype", help=f"auto, float32, bfloat16 or float16 (default: EMOTION_DTYPE, else {defaults.dtype})")
+    parser.add_argument("--dtype", help=f"auto, float32, bfloat16, float16 or int8 (default: EMOTION_DTYPE, else {defaults.dtype})")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show our INFO log and what the model libraries print (FunASR's banners, warnings, log)")
 
