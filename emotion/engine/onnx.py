@@ -54,12 +54,6 @@ def onnxruntime():
     return ort
 
 
-def onnxruntime_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
-
-
 def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, source: str | None = None) -> dict:
     """Export a checkpoint (hub id or FunASR directory) to ``out``, check it against
     FunASR's generate() and return a report; fp32 scores further than MAX_SCORE_DIFF
@@ -75,13 +69,13 @@ def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, s
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     auto = build_automodel(model, hub, torch.device("cpu"))
-    net = auto.model.eval()
-    if net.proj is None:
+    if auto.model.proj is None:
         raise ModelUnavailable(f"{model}: checkpoint has no classification head")
     tokens = list(auto.kwargs.get("token_list") or [])
-    float32 = out.with_name(f".{out.name}.{os.getpid()}.float32")
+    # Written beside ``out`` and renamed over it once checked: a reader never sees half a file.
+    float32, quantised = (out.with_name(f".{out.name}.{os.getpid()}.{kind}") for kind in ("float32", "int8"))
     try:
-        _export_graph(net, tokens, float32)
+        _export_graph(auto.model.eval(), tokens, float32)
         proto = onnx.load(str(float32))
         for key, value in {"labels": json.dumps(tokens, ensure_ascii=False), "source_model": source or model,
                            "sample_rate_hz": str(SAMPLE_RATE_HZ), "producer": "rasa-emotion2vec"}.items():
@@ -89,43 +83,47 @@ def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, s
         onnx.save(proto, str(float32))
         del proto
         waves = [_check_wave(n) for n in CHECK_SAMPLES]
-        fp32 = _session(ort, float32, threads=torch.get_num_threads())
-        got = [fp32.run(["scores", "embedding"], {"waveform": w[None]}) for w in waves]
-        report = {"model": model, "out": str(out), "opset": OPSET, "lengths_s": [len(w) / SAMPLE_RATE_HZ for w in waves]}
-        score_diff, embed_diff = [], []
-        keep = [i for i, t in enumerate(tokens) if not t.startswith("unuse")]
-        for wave, (scores, embedding) in zip(waves, got):
-            ref = auto.generate(input=wave, granularity="utterance", extract_embedding=True, disable_pbar=True)[0]
-            score_diff.append(float(np.abs(scores[0, keep] - np.asarray(ref["scores"])).max()))
-            embed_diff.append(float(np.abs(embedding[0] - ref["feats"]).max()))
-        report.update(max_score_diff=score_diff, max_embedding_diff=embed_diff)
-        if max(score_diff) > MAX_SCORE_DIFF:
+        got = _run(ort, float32, waves)
+        report = {"model": model, "out": str(out), "opset": OPSET, "lengths_s": [len(w) / SAMPLE_RATE_HZ for w in waves],
+                  **_against_generate(auto, tokens, waves, got)}
+        if max(report["max_score_diff"]) > MAX_SCORE_DIFF:
             raise ModelUnavailable(f"{model}: the ONNX export's scores differ from FunASR's generate() by up to "
-                                   f"{max(score_diff):.2e} (allowed {MAX_SCORE_DIFF:g}); the export is not usable")
+                                   f"{max(report['max_score_diff']):.2e} (allowed {MAX_SCORE_DIFF:g}); the export is not usable")
         if int8:
-            quantised = out.with_name(f".{out.name}.{os.getpid()}.int8")
             _quantise(float32, quantised)
-            q = _session(ort, quantised, threads=torch.get_num_threads())
-            diffs, cosines, agrees = [], [], []
-            for wave, (scores, embedding) in zip(waves, got):
-                q_scores, q_embedding = q.run(["scores", "embedding"], {"waveform": wave[None]})
-                diffs.append(float(np.abs(q_scores - scores).max()))
-                cosines.append(_cosine(q_embedding[0], embedding[0]))
-                agrees.append(bool(np.argmax(q_scores) == np.argmax(scores)))
-            report["int8"] = {"max_score_diff_from_float32": diffs, "embedding_cosine_to_float32": cosines,
-                              "argmax_agrees": agrees}
-            del q
-            os.replace(quantised, out)
-        else:
-            os.replace(float32, out)
+            report["int8"] = _against_float32(_run(ort, quantised, waves), got)
+        os.replace(quantised if int8 else float32, out)
     finally:
-        for leftover in out.parent.glob(f".{out.name}.{os.getpid()}.*"):
-            leftover.unlink()
-        del auto, net
+        for temporary in (float32, quantised):
+            temporary.unlink(missing_ok=True)
+        del auto
         gc.collect()
     report.update(precision="int8" if int8 else "float32", bytes=out.stat().st_size,
                   seconds=round(time.monotonic() - started, 1))
     return report
+
+
+def _run(ort, path: Path, waves: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    session = _session(ort, path, threads=torch.get_num_threads())
+    return [tuple(session.run(["scores", "embedding"], {"waveform": w[None]})) for w in waves]
+
+
+def _against_generate(auto, tokens: list[str], waves, got) -> dict:
+    """Largest differences from FunASR's own generate(), per clip."""
+    keep = [i for i, t in enumerate(tokens) if not t.startswith("unuse")]  # the scores generate() returns
+    scores, embeddings = [], []
+    for wave, (score, embedding) in zip(waves, got):
+        ref = auto.generate(input=wave, granularity="utterance", extract_embedding=True, disable_pbar=True)[0]
+        scores.append(float(np.abs(score[0, keep] - np.asarray(ref["scores"])).max()))
+        embeddings.append(float(np.abs(embedding[0] - ref["feats"]).max()))
+    return {"max_score_diff": scores, "max_embedding_diff": embeddings}
+
+
+def _against_float32(quantised, got) -> dict:
+    """How far int8 lies from fp32, per clip: no fixed bound, a report."""
+    return {"max_score_diff_from_float32": [float(np.abs(q[0] - f[0]).max()) for q, f in zip(quantised, got)],
+            "embedding_cosine_to_float32": [_cosine(q[1][0], f[1][0]) for q, f in zip(quantised, got)],
+            "argmax_agrees": [bool(np.argmax(q[0]) == np.argmax(f[0])) for q, f in zip(quantised, got)]}
 
 
 class _Graph(torch.nn.Module):
