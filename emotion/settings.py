@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from emotion.errors import ConfigError
 
 DEFAULT_MODEL = "iic/emotion2vec_plus_large"
+DEFAULT_ONNX_CACHE_DIR = "~/.cache/emotion2vec-rasa/onnx"
 MODEL_ALIASES = {
     "plus_large": "iic/emotion2vec_plus_large",
     "plus_base": "iic/emotion2vec_plus_base",
@@ -62,7 +63,7 @@ class Settings:
                             "an export made once and cached, CPU only, [onnx.md](onnx.md)); `auto`: onnx on the CPU when "
                             "onnxruntime is installed (the `onnx` extra) and the dtype is `auto` or `float32`, "
                             "torch otherwise and always on CUDA.", choices=("auto", "torch", "onnx"))
-    onnx_cache_dir: str = _setting("~/.cache/emotion2vec-rasa/onnx", "model", "Where the onnx runtime keeps its exports, one "
+    onnx_cache_dir: str = _setting(DEFAULT_ONNX_CACHE_DIR, "model", "Where the onnx runtime keeps its exports, one "
                                    "per checkpoint content and precision; a changed checkpoint is exported afresh.")
     compile: str = _setting("auto", "model", "`torch.compile` the conv front end and, on CUDA, the transformer blocks for packed "
                             "batches (`auto`: on CUDA only). Packing needs it: with `off`, clips run one at a time through "

@@ -23,6 +23,7 @@ from emotion.engine.loading import build_automodel
 from emotion.engine.packing import Pack, plan_pack
 from emotion.engine.results import Head
 from emotion.errors import ConfigError, InferenceFailed, ModelUnavailable, first_line
+from emotion.settings import DEFAULT_ONNX_CACHE_DIR
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 TOKEN_BUDGETS = (2048, 4096, 8192, 16384, 32768)
 MASK_BLOCK = 128  # FlexAttention's block size: the block mask is built at this grain
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_ONNX_CACHE = "~/.cache/emotion2vec-rasa/onnx"
 
 
 @dataclass
@@ -91,7 +91,7 @@ class EmotionModel:
     """One emotion2vec checkpoint, resident on one device, answering packed batches."""
 
     def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto",
-                 labels: tuple[str, ...] = (), runtime: str = "torch", onnx_cache_dir: str = DEFAULT_ONNX_CACHE) -> None:
+                 labels: tuple[str, ...] = (), runtime: str = "torch", onnx_cache_dir: str = DEFAULT_ONNX_CACHE_DIR) -> None:
         self.device = resolve_device(device)
         self.runtime = resolve_runtime(runtime, self.device, dtype)
         self.dtype = resolve_dtype("float32" if self.runtime == "onnx" else dtype, self.device)

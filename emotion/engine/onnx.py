@@ -176,20 +176,28 @@ def _export_graph(net: torch.nn.Module, tokens: list[str], path: Path) -> None:
     # Two frames' worth of samples and more: a length of 0 or 1 would be specialised.
     samples = Dim("samples", min=_samples_for_frames(enc, 2))
     example = torch.from_numpy(_check_wave(3 * SAMPLE_RATE_HZ + 123))[None]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))  # the exporter's INFO per initializer it merges
     try:
-        # The exporter prints its progress; stdout is the CLI's JSON report.
-        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        # The exporter logs a line per initializer it merges and prints its progress; stdout
+        # is the CLI's JSON report.
+        with torch.no_grad(), _root_log_at(logging.WARNING), contextlib.redirect_stdout(sys.stderr):
             torch.onnx.export(_Graph(net, tokens).eval(), (example,), str(path), dynamo=True, opset_version=OPSET,
                               input_names=["waveform"], output_names=["scores", "embedding", "frames"],
                               dynamic_shapes={"waveform": {1: samples}}, external_data=False, verbose=False)
     except Exception as exc:
         raise ModelUnavailable(f"ONNX export failed: {type(exc).__name__}: {first_line(exc, 300)}") from exc
     finally:
-        root.setLevel(level)
         enc.get_alibi_bias = own
+
+
+@contextlib.contextmanager
+def _root_log_at(level: int):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(before, level))
+    try:
+        yield
+    finally:
+        root.setLevel(before)
 
 
 def _samples_for_frames(enc, frames: int) -> int:
@@ -217,8 +225,9 @@ def _quantise(src: Path, dst: Path) -> None:
     # fp32, where it sees the raw waveform.
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                     per_channel=True)
+    with _root_log_at(logging.ERROR):  # its advice to pre-process, meant for static quantisation
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                         per_channel=True)
 
 
 def _session(ort, path: Path, *, threads: int):
