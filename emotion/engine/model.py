@@ -6,6 +6,7 @@ This is the only engine module that imports torch and funasr.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import importlib.util
 import logging
@@ -160,6 +161,9 @@ class EmotionModel:
         self.net.norm = None
         self._encoder = None
         gc.collect()
+        # glibc keeps most of the freed weights in its heap, counted as resident, until asked.
+        with contextlib.suppress(OSError, AttributeError):  # another libc: nothing to ask
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     @staticmethod
     def compiled_graphs() -> int:

@@ -238,6 +238,9 @@ def _session(ort, path: Path, *, threads: int):
     # Idle workers would otherwise spin after each clip, taking CPU from the decoder
     # threads and the event loop between turns.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The arena would keep the longest clip's activations for the life of the process;
+    # without it they are returned after each clip, at no speed cost we could measure.
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
