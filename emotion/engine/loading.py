@@ -17,6 +17,7 @@ from emotion.errors import ModelUnavailable, first_line
 
 
 def build_automodel(model: str, hub: str, device: torch.device):
+    """FunASR's AutoModel for a hub id or a local directory, on ``device``."""
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
         raise ModelUnavailable(f"no model directory at {model}")
     if Path(model).exists() and not (Path(model) / "config.yaml").is_file():

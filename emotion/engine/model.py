@@ -1,6 +1,7 @@
 """emotion2vec through FunASR, with an exact packed-batch forward pass.
 
-This is the only engine module that imports torch and funasr.
+With the model modules beside it (loading.py, onnx.py), the only engine module that imports
+torch and funasr.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def resolve_runtime(runtime: str, device: torch.device, dtype: str) -> str:
 
 
 class EmotionModel:
-    """One emotion2vec checkpoint, resident on one device, answering packed batches."""
+    """One emotion2vec checkpoint, resident on one device, answering packed batches.
+    ``runtime="onnx"``: clips run one at a time through the checkpoint's ONNX export
+    (``emotion.engine.onnx``) in place of FunASR's forward; labels and head stay the same."""
 
     def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto",
                  labels: tuple[str, ...] = (), runtime: str = "torch", onnx_cache_dir: str = DEFAULT_ONNX_CACHE_DIR) -> None:
