@@ -273,11 +273,22 @@ class OnnxFrames:
 
 
 def load_cached(model_dir: Path, source: str, *, hub: str, precision: str, cache_dir: Path, threads: int) -> OnnxFrames:
-    """The checkpoint's export from the cache, exported there first if it is not."""
-    onnxruntime()
+    """The checkpoint's export from the cache, exported there first if it is not; int8
+    quantises the cached fp32 export, so a change of precision exports nothing again."""
+    ort = onnxruntime()
+    float32 = cache_path(model_dir, "float32", cache_dir)
     path = cache_path(model_dir, precision, cache_dir)
-    if not path.is_file():
-        log.info("exporting %s to ONNX (%s) at %s, once", source, precision, path)
-        report = export_onnx(str(model_dir), path, hub=hub, int8=precision == "int8", source=source)
-        log.info("ONNX export of %s: %s", source, report)
+    if not float32.is_file():
+        log.info("exporting %s to ONNX at %s, once", source, float32)
+        log.info("ONNX export of %s: %s", source, export_onnx(str(model_dir), float32, hub=hub, source=source))
+    if not path.is_file():  # int8
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            _quantise(float32, temporary)
+            waves = [_check_wave(n) for n in CHECK_SAMPLES]
+            report = _against_float32(_run(ort, temporary, waves), _run(ort, float32, waves))
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        log.info("ONNX int8 export of %s at %s: %s", source, path, report)
     return OnnxFrames(path, threads=threads)
