@@ -68,6 +68,8 @@ def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, s
     started = time.monotonic()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A model of its own, as FunASR builds it: none of EmotionModel's hooks or attention
+    # wrappers is in the traced graph.
     auto = build_automodel(model, hub, torch.device("cpu"))
     if auto.model.proj is None:
         raise ModelUnavailable(f"{model}: checkpoint has no classification head")
