@@ -154,8 +154,7 @@ class _Graph(torch.nn.Module):
 def _export_graph(net: torch.nn.Module, tokens: list[str], path: Path) -> None:
     # torch's dynamo exporter (torch.export, then onnxscript): its graph keeps the clip
     # length symbolic throughout. The TorchScript exporter (dynamo=False) also runs, but
-    # its frames came out wrong at every length we checked, the trace having baked in
-    # shapes of the example clip.
+    # its frames differed from FunASR's at every length we checked.
     from funasr.models.emotion2vec.base import get_alibi
 
     enc = net.modality_encoders["AUDIO"]
