@@ -333,15 +333,19 @@ def test_model_code_that_cannot_load_is_named(tiny_model, monkeypatch):
     assert "too old" in status["error"] and status["ready"] is False
 
 
-def test_an_error_without_a_message_still_says_what_failed(engine, monkeypatch):
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_an_error_without_a_message_still_says_what_failed(tiny_model, runtime, monkeypatch):
     from emotion.errors import InferenceFailed
 
     def empty(*args, **kwargs):
         raise RuntimeError("")
 
-    monkeypatch.setattr(engine.backend.model.net, "extract_features", empty)
+    model = loaded(Settings(model=str(tiny_model), device="cpu", runtime=runtime, warmup=False)).backend.model
+    # What runs a clip: FunASR's forward, or the ONNX Runtime session.
+    target, name = (model.net, "extract_features") if runtime == "torch" else (model._onnx.session, "run")
+    monkeypatch.setattr(target, name, empty)
     with pytest.raises(InferenceFailed, match="inference failed: RuntimeError"):
-        engine.backend.model.forward([speech_like(1.0)])
+        model.forward([speech_like(1.0)])
 
 
 def test_label_subset_renormalises(models):

@@ -189,8 +189,8 @@ class EmotionPlugin:
         status = await engine.status()
         if status["ready"]:
             mode = "the engine process" if status.get("engine_process") else "this process"
-            log.info("emotion model ready: %s on %s (%s) in %s, labels %s", status["model"], status["device"], status["dtype"],
-                     mode, ",".join(status["labels"] or ()))
+            log.info("emotion model ready: %s on %s (%s) in %s, labels %s; runtime %s", status["model"], status["device"],
+                     status["dtype"], mode, ",".join(status["labels"] or ()), status.get("runtime"))
 
     async def _after_stop(self, app, _loop) -> None:
         if self._engine is not None:
