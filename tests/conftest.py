@@ -98,8 +98,12 @@ try:  # the Rasa Pro tests run in Rasa Pro's own environment (scripts/test.sh)
 except ImportError:
     collect_ignore = ["rasa_pro"]
 
-_MODEL_FIXTURES = {"models", "tiny_model", "serve", "server", "server_newest", "server_sdk36", "locked_server", "broken_server",
+_MODEL_FIXTURES = {"models", "tiny_model", "serve", "server", "server_newest", "server_sdk36", "server_int8", "locked_server", "broken_server",
                    "alert_server", "bot", "engine", "browser", "angry90", "pro_action_server"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "onnx: about the onnx runtime: EMOTION_RUNTIME=auto is not pinned to torch")
 
 
 def pytest_collection_modifyitems(items):
@@ -112,6 +116,20 @@ def pytest_collection_modifyitems(items):
     # whole so its module-scoped fixtures are made once.
     late = {item.module for item in items if _session_servers(getattr(item, "fixturenames", ()))}
     items.sort(key=lambda item: item.module in late)
+
+
+@pytest.fixture(autouse=True)
+def _auto_runtime_is_torch(request, monkeypatch):
+    """``EMOTION_RUNTIME=auto`` is ONNX Runtime on a CPU where it is installed, and exporting a
+    checkpoint costs about 20 s of CPU: tests run FunASR's forward unless they name the onnx
+    runtime, or are about it (marked ``onnx``). The session servers say which they run."""
+    if request.node.get_closest_marker("onnx") is None:
+        try:
+            from emotion.engine import model
+        except ImportError:  # no torch (the Python 3.10 run): no model either
+            return
+        resolve = model.resolve_runtime
+        monkeypatch.setattr(model, "resolve_runtime", lambda runtime, *args: resolve("torch" if runtime == "auto" else runtime, *args))
 
 
 @pytest.fixture(scope="session")
@@ -198,8 +216,10 @@ RESULT_KEY = "test-result-key-not-a-real-secret"  # EMOTION_RESULT_KEY of locked
 
 
 PRESTARTED = ("rasa_training",)  # with the servers: Rasa Open Source trains the example bot meanwhile
-SESSION_SERVERS = ("server_newest", "server_sdk36", "locked_server", "broken_server", "alert_server", "workers_server",
-                   "broken_workers_server", "server_py310")
+# In this order: those that export no ONNX model first, booting while this process exports
+# for the others (see serve).
+SESSION_SERVERS = ("server_sdk36", "broken_server", "broken_workers_server", "server_py310", "locked_server", "alert_server",
+                   "workers_server", "server_newest", "server_int8")
 WORKERS = {"ACTION_SERVER_SANIC_WORKERS": "2"}  # two Sanic workers share an engine process
 
 
@@ -237,7 +257,8 @@ def serve(tmp_path_factory):
         python = SDK_PYTHONS.get(sdk, sdk)
         if not Path(python).exists():
             pytest.fail(f"{python} is missing: scripts/setup.sh --test makes it")
-        if python == sys.executable and env.get("EMOTION_MODEL"):
+        env = {"EMOTION_RUNTIME": "torch", **env}
+        if env["EMOTION_RUNTIME"] == "onnx":
             _export_for(Path(env["EMOTION_MODEL"]))
         server = ActionServer({"_LOG_DIR": str(logs), **env}, python=python)
         servers.append(server)
@@ -253,14 +274,9 @@ def serve(tmp_path_factory):
 def _export_for(model_dir: Path) -> None:
     """A server on CPU exports its checkpoint to ONNX as it loads: made here first, once per
     checkpoint, rather than by several servers at once while their start is timed."""
-    import torch
-
     from emotion.engine import onnx
-    from emotion.engine.model import resolve_runtime
     from emotion.errors import ModelUnavailable
 
-    if not model_dir.is_dir() or resolve_runtime("auto", torch.device("cpu"), "auto") != "onnx":
-        return
     path = onnx.cache_path(model_dir, "float32", Path(os.environ["EMOTION_ONNX_CACHE_DIR"]))
     if not path.is_file():
         with contextlib.suppress(ModelUnavailable):  # a broken checkpoint: its server says so itself
@@ -286,7 +302,14 @@ def angry_alerts():
 
 @pytest.fixture(scope="session")
 def server_newest(serve, models, audio_root, angry_alerts):
-    return serve(_angry_env(models, audio_root, angry_alerts))
+    """On ONNX Runtime in fp32 (the CPU default where it is installed); server_sdk36 runs torch."""
+    return serve({**_angry_env(models, audio_root, angry_alerts), "EMOTION_RUNTIME": "onnx"})
+
+
+@pytest.fixture(scope="session")
+def server_int8(serve, models, audio_root, angry_alerts):
+    """On ONNX Runtime with int8 weights."""
+    return serve({**_angry_env(models, audio_root, angry_alerts), "EMOTION_RUNTIME": "onnx", "EMOTION_DTYPE": "int8"})
 
 
 @pytest.fixture(scope="session")

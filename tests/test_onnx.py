@@ -17,6 +17,8 @@ from emotion.settings import Settings
 # the conv stride (320 samples).
 LENGTHS = (16_000, 30 * 16_000, 2 * 16_000 + 4321, 7919)
 
+pytestmark = pytest.mark.onnx
+
 
 @pytest.fixture(scope="module")
 def onnx_cache(tmp_path_factory):

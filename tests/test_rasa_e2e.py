@@ -107,6 +107,23 @@ def actions_run(t):
     return [e["name"] for e in t["events"] if e["event"] == "action"]
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "int8"])
+def test_an_angry_caller_is_handed_off_on_each_cpu_runtime(bot, runtime, server_newest, server_int8):
+    """The bot's own action server runs torch; through the same door, Rasa reaches the one on
+    ONNX Runtime in fp32, then the one with int8 weights (Rasa 3.6 connects anew per call)."""
+    actions = {"onnx": server_newest, "int8": server_int8}[runtime]
+    ready = httpx.get(actions.url + "/ready", timeout=10).json()
+    assert (ready["runtime"], ready["dtype"]) == ("onnx", "int8" if runtime == "int8" else "float32")
+    bot["door"].target = actions.port
+    try:
+        replies = say(bot, f"caller-{runtime}", "I want a refund", {"base64": b64(wav_bytes(2.0))})
+    finally:
+        bot["door"].target = bot["actions"].port
+    handoff = next(r["custom"]["handoff"] for r in replies if "custom" in r)
+    assert handoff["emotion"] == "angry" and handoff["confidence"] == pytest.approx(0.9)
+    assert tracker(bot, f"caller-{runtime}")["paused"] is True
+
+
 def test_angry_caller_at_0_9_is_handed_off_whatever_the_intent(bot):
     replies = say(bot, "caller-angry", "I want a refund", {"base64": b64(wav_bytes(2.0))})
     handoff = next(r["custom"]["handoff"] for r in replies if "custom" in r)
