@@ -13,7 +13,7 @@ scripts/setup.sh --test
 .venv/bin/ruff check emotion actions tests domain_snippets bench
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
-.venv310/bin/python -m pytest -m "not model" "$@" tests/test_audio.py tests/test_sources.py tests/test_batching.py \
+.venv310/bin/python -m pytest -p no:cacheprovider -m "not model" "$@" tests/test_audio.py tests/test_sources.py tests/test_batching.py \
     tests/test_rules.py tests/test_config.py >"$logs/py310" 2>&1 &
 py310=$!
 .rasa-pro-venv/bin/python -m pytest -p no:cacheprovider "$@" tests/rasa_pro >"$logs/rasa_pro" 2>&1 &
