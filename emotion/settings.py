@@ -56,7 +56,14 @@ class Settings:
                         choices=("ms", "hf", "modelscope", "huggingface"))
     device: str = _setting("auto", "model", "`auto` (the GPU if torch sees one), `cpu`, `cuda` or `cuda:N`.")
     dtype: str = _setting("auto", "model", "`auto` (bf16 on GPUs that have it, else fp16; fp32 on CPU), `float32`, `bfloat16` "
-                          "or `float16`.", choices=("auto", "float32", "bfloat16", "float16"))
+                          "or `float16`; `int8` (dynamically quantised weights) with the onnx runtime only.",
+                          choices=("auto", "float32", "bfloat16", "float16", "int8"))
+    runtime: str = _setting("auto", "model", "What runs the model: `torch` (FunASR's own forward) or `onnx` (ONNX Runtime on "
+                            "an export made once and cached, CPU only, [onnx.md](onnx.md)); `auto`: onnx on the CPU when "
+                            "onnxruntime is installed (the `onnx` extra) and the dtype is `auto` or `float32`, "
+                            "torch otherwise and always on CUDA.", choices=("auto", "torch", "onnx"))
+    onnx_cache_dir: str = _setting("~/.cache/emotion2vec-rasa/onnx", "model", "Where the onnx runtime keeps its exports, one "
+                                   "per checkpoint content and precision; a changed checkpoint is exported afresh.")
     compile: str = _setting("auto", "model", "`torch.compile` the conv front end and, on CUDA, the transformer blocks for packed "
                             "batches (`auto`: on CUDA only). Packing needs it: with `off`, clips run one at a time through "
                             "FunASR's own forward.", choices=("auto", "on", "off"))
@@ -138,6 +145,13 @@ class Settings:
                 raise ConfigError(f"{env_name(f)}={value!r}: expected a value in [{meta['low']:g}, {meta['high']:g}]")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"EMOTION_DEVICE={self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.runtime == "onnx" and self.device.startswith("cuda"):
+            raise ConfigError(f"EMOTION_RUNTIME=onnx runs on the CPU only: expected EMOTION_DEVICE=cpu or auto, got "
+                              f"{self.device!r}")
+        if self.runtime == "onnx" and self.dtype in ("bfloat16", "float16"):
+            raise ConfigError(f"EMOTION_DTYPE={self.dtype!r}: the onnx runtime runs auto, float32 or int8")
+        if self.dtype == "int8" and self.runtime != "onnx":
+            raise ConfigError(f"EMOTION_DTYPE='int8': only with EMOTION_RUNTIME=onnx (got {self.runtime!r})")
         if self.segment_seconds > self.window_seconds or self.segment_hop_seconds > self.segment_seconds:
             raise ConfigError(f"EMOTION_SEGMENT_HOP_SECONDS={self.segment_hop_seconds:g}, EMOTION_SEGMENT_SECONDS="
                               f"{self.segment_seconds:g}, EMOTION_WINDOW_SECONDS={self.window_seconds:g}: expected hop <= "

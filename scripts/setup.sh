@@ -38,11 +38,13 @@ project_venv() {
 }
 
 if [ "${1:-}" != "--test" ]; then
-    project_venv .venv plot
+    project_venv .venv plot,onnx
     exit 0
 fi
 
-project_venv .venv test
+# onnx: EMOTION_RUNTIME=auto then runs ONNX Runtime on CPU here; the other venvs lack it
+# and fall back to torch.
+project_venv .venv test,onnx
 # rasa-sdk 3.6.2 (Sanic 21.12), as Rasa Open Source 3.6 and its rasa-sdk image run it. It
 # declares Python < 3.11; the project's own code runs on 3.11 there, as Rasa 3.6 does.
 if [ ! -f ".venv-sdk36/.done-plot-$stamp" ]; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import socket
@@ -89,6 +90,9 @@ def sockets_to(port: int) -> list[str]:
 # price list on import, telemetry would phone home.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
+# The onnx runtime's exports (EMOTION_RUNTIME=auto on CPU where onnxruntime is installed),
+# kept between runs: they are named by the checkpoints' contents, so a stale one is never used.
+os.environ.setdefault("EMOTION_ONNX_CACHE_DIR", str(ROOT / ".pytest_cache" / "onnx"))
 try:  # the Rasa Pro tests run in Rasa Pro's own environment (scripts/test.sh)
     import rasa.dialogue_understanding  # noqa: F401
 except ImportError:
@@ -212,6 +216,8 @@ def serve(tmp_path_factory):
         python = SDK_PYTHONS.get(sdk, sdk)
         if not Path(python).exists():
             pytest.fail(f"{python} is missing: scripts/setup.sh --test makes it")
+        if python == sys.executable and env.get("EMOTION_MODEL"):
+            _export_for(Path(env["EMOTION_MODEL"]))
         server = ActionServer({"_LOG_DIR": str(logs), **env}, python=python)
         servers.append(server)
         return server
@@ -219,6 +225,23 @@ def serve(tmp_path_factory):
     yield start
     for server in servers:
         server.stop()
+
+
+def _export_for(model_dir: Path) -> None:
+    """A server on CPU exports its checkpoint to ONNX as it loads: made here first, once per
+    checkpoint, rather than by several servers at once while their start is timed."""
+    import torch
+
+    from emotion.engine import onnx
+    from emotion.engine.model import resolve_runtime
+    from emotion.errors import ModelUnavailable
+
+    if not model_dir.is_dir() or resolve_runtime("auto", torch.device("cpu"), "auto") != "onnx":
+        return
+    path = onnx.cache_path(model_dir, "float32", Path(os.environ["EMOTION_ONNX_CACHE_DIR"]))
+    if not path.is_file():
+        with contextlib.suppress(ModelUnavailable):  # a broken checkpoint: its server says so itself
+            onnx.export_onnx(str(model_dir), path)
 
 
 def _angry_env(models, audio_root, alerts) -> dict[str, str]:

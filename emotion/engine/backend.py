@@ -21,7 +21,7 @@ from emotion.engine.batching import BatchStats, MicroBatcher, plan_batches, run_
 from emotion.engine.cpu import timed
 from emotion.engine.plan import Clip, Plan, assemble, clips_for, plan_turn
 from emotion.engine.results import EmotionResult
-from emotion.errors import EmotionError, ModelUnavailable, Overloaded, first_line
+from emotion.errors import ConfigError, EmotionError, ModelUnavailable, Overloaded, first_line
 from emotion.settings import LABELS, Settings
 
 __all__ = ["Backend", "Backlog", "InProcessBackend"]
@@ -91,8 +91,9 @@ class InProcessBackend:
             raise ModelUnavailable(self.error) from exc
         s = self.settings
         try:
-            self.model = EmotionModel(s.model, hub=s.hub, device=s.device, dtype=s.dtype, compile=s.compile, labels=s.labels)
-        except ModelUnavailable as exc:
+            self.model = EmotionModel(s.model, hub=s.hub, device=s.device, dtype=s.dtype, compile=s.compile, labels=s.labels,
+                                      runtime=s.runtime, onnx_cache_dir=s.onnx_cache_dir)
+        except (ModelUnavailable, ConfigError) as exc:
             self.error = exc.message
             raise
         if s.warmup:
@@ -100,7 +101,8 @@ class InProcessBackend:
         # A graph compiled while serving stalls every conversation: /ready counts them.
         self._graphs_at_ready = self.model.compiled_graphs()
         self.warm = True
-        log.info("emotion model %s ready on %s (%s), labels %s", s.model, self.model.device, self.model.dtype_name, self.model.labels)
+        log.info("emotion model %s ready on %s (%s, %s), labels %s", s.model, self.model.device, self.model.runtime,
+                 self.model.precision, self.model.labels)
         return self
 
     async def start(self) -> None:
@@ -148,7 +150,8 @@ class InProcessBackend:
         return {
             "ready": self.warm and self.error is None,
             "device": str(model.device) if model else None,
-            "dtype": model.dtype_name if model else None,
+            "runtime": model.runtime if model else None,
+            "dtype": model.precision if model else None,
             "labels": model.labels if model else None,
             "test_checkpoint": model.test_checkpoint if model else None,
             "max_batch_size": self.max_batch_size if model else None,

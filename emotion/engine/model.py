@@ -6,8 +6,9 @@ This is the only engine module that imports torch and funasr.
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib.util
 import logging
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from emotion.engine import onnx
+from emotion.engine.loading import build_automodel
 from emotion.engine.packing import Pack, plan_pack
 from emotion.engine.results import Head
-from emotion.errors import InferenceFailed, ModelUnavailable, first_line
+from emotion.errors import ConfigError, InferenceFailed, ModelUnavailable, first_line
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 TOKEN_BUDGETS = (2048, 4096, 8192, 16384, 32768)
 MASK_BLOCK = 128  # FlexAttention's block size: the block mask is built at this grain
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_ONNX_CACHE = "~/.cache/emotion2vec-rasa/onnx"
 
 
 @dataclass
@@ -67,14 +71,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_runtime(runtime: str, device: torch.device, dtype: str) -> str:
+    """``auto``: ONNX Runtime on the CPU where it is installed and the precision is one it
+    runs (fp32, int8); torch otherwise, and always on CUDA."""
+    if runtime == "auto":
+        fits = device.type == "cpu" and dtype in ("auto", "float32", "int8")
+        runtime = "onnx" if fits and importlib.util.find_spec("onnxruntime") is not None else "torch"
+    if runtime == "onnx" and device.type != "cpu":
+        raise ConfigError(f"EMOTION_RUNTIME=onnx runs on the CPU only, and EMOTION_DEVICE gives {device}: set "
+                          "EMOTION_DEVICE=cpu or EMOTION_RUNTIME=torch")
+    if runtime == "onnx" and dtype not in ("auto", "float32", "int8"):
+        raise ConfigError(f"EMOTION_DTYPE={dtype}: the onnx runtime runs float32 or int8")
+    if runtime == "torch" and dtype == "int8":
+        raise ConfigError("EMOTION_DTYPE=int8: only the onnx runtime runs int8 (EMOTION_RUNTIME=onnx)")
+    return runtime
+
+
 class EmotionModel:
     """One emotion2vec checkpoint, resident on one device, answering packed batches."""
 
     def __init__(self, model: str, *, hub: str = "ms", device: str = "auto", dtype: str = "auto", compile: str = "auto",
-                 labels: tuple[str, ...] = ()) -> None:
+                 labels: tuple[str, ...] = (), runtime: str = "torch", onnx_cache_dir: str = DEFAULT_ONNX_CACHE) -> None:
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        auto = _build_automodel(model, hub, self.device)
+        self.runtime = resolve_runtime(runtime, self.device, dtype)
+        self.dtype = resolve_dtype("float32" if self.runtime == "onnx" else dtype, self.device)
+        self.precision = "int8" if dtype == "int8" else self.dtype_name
+        auto = build_automodel(model, hub, self.device)
         self.net = auto.model
         self.funasr = auto
         tokens = list(auto.kwargs.get("token_list") or [])
@@ -107,11 +129,18 @@ class EmotionModel:
         # (each layer reaching this far) sees past its edges what a clip alone sees: zeros.
         self._gap = max(3, cfg.conv_pos_width // cfg.conv_pos_depth) // 2
         self._frame_keep: torch.Tensor | None = None
+        self._onnx: onnx.OnnxFrames | None = None
+        self.packs = False
+        self.budgets: tuple[int, ...] = ()
+        if self.runtime == "onnx":
+            self._onnx = onnx.load_cached(Path(auto.kwargs["model_path"]), model, hub=hub, precision=self.precision,
+                                          cache_dir=Path(onnx_cache_dir).expanduser(), threads=torch.get_num_threads())
+            self._drop_encoder()
+            return
         self._install_gap_hooks()
         blocks = use_flex_attention(self.net)
         # Packing is exact where everything before attention works frame by frame.
         self.packs = bool(blocks) and cfg.extractor_mode == "layer_norm" and self._extra > 0
-        self.budgets: tuple[int, ...] = ()
         if compile == "on" or (compile == "auto" and self.device.type == "cuda"):
             # The conv front end is memory-bound: eager runs it as dozens of transposes, casts
             # and layer norms over (512 x frames) tensors; Inductor fuses them.
@@ -122,6 +151,15 @@ class EmotionModel:
                 self.budgets = TOKEN_BUDGETS
                 for block in blocks:
                     block.compile(dynamic=False)
+
+    def _drop_encoder(self) -> None:
+        # The ONNX session holds its own copy of every weight but the head's: the torch
+        # copies would only take memory.
+        self.net.modality_encoders = torch.nn.ModuleDict()
+        self.net.blocks = torch.nn.ModuleList()
+        self.net.norm = None
+        self._encoder = None
+        gc.collect()
 
     @staticmethod
     def compiled_graphs() -> int:
@@ -190,6 +228,9 @@ class EmotionModel:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _alone(self, waves):
+        if self._onnx is not None:
+            rows = [torch.from_numpy(self._onnx(wave)) for wave in waves]
+            return torch.cat(rows), [len(r) for r in rows]
         rows = []
         for wave in waves:
             source = torch.from_numpy(wave).to(self.device)[None]
@@ -389,48 +430,6 @@ def _normalise_regions(x: torch.Tensor, waves, pack: Pack, device) -> torch.Tens
     region = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=pack.samples)
     centered = x - _segment_means(x, lengths)[region]
     return centered * torch.rsqrt(_segment_means(centered.square(), lengths) + 1e-5)[region]
-
-
-def _build_automodel(model: str, hub: str, device: torch.device):
-    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
-        raise ModelUnavailable(f"no model directory at {model}")
-    if Path(model).exists() and not (Path(model) / "config.yaml").is_file():
-        raise ModelUnavailable(f"{model}: not a FunASR model directory (config.yaml, model.pt, tokens.txt)")
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    root.setLevel(max(level, logging.WARNING))  # FunASR's INFO chatter while it loads
-    try:
-        # FunASR prints a banner on import and configures the root logger; stdout is the
-        # CLI's JSON, so its prints go to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
-            from funasr import AutoModel
-
-            # disable_update: FunASR otherwise asks PyPI for a newer release at every start.
-            # ncpu: FunASR otherwise resets torch's global thread count.
-            return AutoModel(
-                model=model,
-                hub=hub,
-                device=str(device),
-                disable_update=True,
-                ncpu=torch.get_num_threads(),
-                log_level="ERROR",
-                disable_pbar=True,
-            )
-    except ModelUnavailable:
-        raise
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {first_line(exc, 300)}"
-        if not Path(model).exists():
-            # FunASR reports a failed download as an unregistered model; say what to do.
-            raise ModelUnavailable(
-                f"could not download {model!r} from the {hub} hub ({reason}); on a machine without hub access, "
-                "download it elsewhere and set EMOTION_MODEL to its directory"
-            ) from exc
-        raise ModelUnavailable(f"could not load model {model!r}: {reason}") from exc
-    finally:
-        # FunASR calls logging.basicConfig; the host application owns the root logger.
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def _check_checkpoint(net: torch.nn.Module, path: str | None, model: str) -> None:

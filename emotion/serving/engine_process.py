@@ -323,7 +323,7 @@ class EngineProcessBackend:
                 trouble = exc.message
         except asyncio.TimeoutError:
             trouble = "the engine process did not answer within 2 s"
-        status = {"ready": False, "device": None, "dtype": None, "labels": None, "test_checkpoint": None, "max_batch_size": None, "queue_depth": 0,
+        status = {"ready": False, "device": None, "runtime": None, "dtype": None, "labels": None, "test_checkpoint": None, "max_batch_size": None, "queue_depth": 0,
                   "graph_compiles_after_ready": None, **self._remote}
         theirs = status.pop("cpu_seconds", None) or {}
         # The engine process's event loop receives every worker's turns: the next limit.

@@ -1,4 +1,4 @@
-"""``python -m emotion``: analyze, evaluate and calibrate on files, send a voice turn to Rasa, check settings, make test checkpoints."""
+"""``python -m emotion``: analyze, evaluate and calibrate on files, send a voice turn to Rasa, check settings, make test checkpoints, export to ONNX."""
 
 from __future__ import annotations
 
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--size", choices=("tiny", "base", "large"), default="tiny", help="the architecture's size")
     make.add_argument("--head", nargs="*", default=None, metavar="LABEL=P", help="fix the scores, e.g. angry=0.9 (default: random)")
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+    export = command("export-onnx", "export a checkpoint to ONNX, checked against FunASR (docs/onnx.md)")
+    export.add_argument("model", metavar="MODEL", help="hub id, alias (plus_large, ...) or local FunASR directory")
+    export.add_argument("out", metavar="OUT", help="the .onnx file to write")
+    export.add_argument("--int8", action="store_true", help="quantise the MatMul/Gemm weights to int8 (dynamic quantisation)")
+    export.add_argument("--hub", choices=("ms", "hf"), default="ms", help="where a hub id downloads from")
     return parser
 
 
@@ -137,6 +143,13 @@ def _run(args: argparse.Namespace) -> int:
         from emotion.tools.client import send_turn
 
         return send_turn(args)
+    if args.command == "export-onnx":
+        from emotion.engine.onnx import export_onnx
+        from emotion.settings import MODEL_ALIASES
+
+        model = MODEL_ALIASES.get(args.model, args.model)
+        print(json.dumps(export_onnx(model, Path(args.out), hub=args.hub, int8=args.int8), indent=2))
+        return 0
     from emotion.tools.checkpoint import write_checkpoint
 
     head = None
@@ -158,7 +171,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, alias (plus_large, plus_base, ...) or local directory "
                                         f"(default: EMOTION_MODEL, else {defaults.model})")
     parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: EMOTION_DEVICE, else {defaults.device})")
-    parser.add_argument("--dtype", help=f"auto, float32, bfloat16 or float16 (default: EMOTION_DTYPE, else {defaults.dtype})")
+    parser.add_argument("--dtype", help=f"auto, float32, bfloat16, float16 or int8 (default: EMOTION_DTYPE, else {defaults.dtype})")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show our INFO log and what the model libraries print (FunASR's banners, warnings, log)")
 
