@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a FunASR model directory; default: a random-weight checkpoint of --size, head spread")
     parser.add_argument("--size", choices=("tiny", "base", "large"), default="large")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
     parser.add_argument("--clips", type=int, default=16, help="timed clips (mixed lengths), the same for every mode")
     parser.add_argument("--seconds", type=float, nargs=2, default=(1.0, 15.0), metavar=("MIN", "MAX"))
     parser.add_argument("--fidelity-clips", type=int, default=200, help="more clips, untimed, for inexact modes against fp32")
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.clips, args.fidelity_clips, args.server_turns = "tiny", 4, 4, 8
-        args.server_mode = args.server_mode or "torch"
+        args.modes = args.modes or ["generate", "torch", "torch-int8", "onnx-int8"]
+        args.server_mode = args.server_mode or "onnx-int8"
+    args.modes = args.modes or list(DEFAULT_MODES)
     if args.child:
         with contextlib.redirect_stdout(sys.stderr):  # FunASR's banner; stdout is the report
             report = _run_child(args)
@@ -255,7 +257,7 @@ def _run_child(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(3)
     fidelity = [_voiced(rng, s) for s in rng.uniform(*args.seconds, args.fidelity_clips)]
     loaded = time.perf_counter()
-    runner = _Generate(args.model) if mode == "generate" else _Engine(mode, args.model)
+    runner = _Generate(args.model) if mode == "generate" else _Engine(mode, args.model, str(tmp / "onnx-cache"))
     out = {"load_and_warmup_s": round(time.perf_counter() - loaded, 1), "rss_after_warmup_mb": _rss_mb()}
     if hasattr(runner, "settings"):
         out["settings"] = runner.settings
@@ -305,15 +307,18 @@ class _Generate:
 class _Engine:
     """The engine in this process, as the action server runs it (one turn at a time on CPU)."""
 
-    def __init__(self, mode: str, model_dir: str) -> None:
+    def __init__(self, mode: str, model_dir: str, onnx_cache: str) -> None:
         from emotion.engine.backend import InProcessBackend
         from emotion.engine.core import EmotionEngine
         from emotion.settings import Settings
 
-        env = {"torch": {"EMOTION_DTYPE": "float32"}, "torch-bf16": {"EMOTION_DTYPE": "bfloat16"},
-               "torch-int8": {"EMOTION_DTYPE": "float32"}, "torch-compile": {"EMOTION_DTYPE": "float32", "EMOTION_COMPILE": "on"},
+        torch_ = {"EMOTION_RUNTIME": "torch", "EMOTION_DTYPE": "float32"}
+        env = {"torch": torch_, "torch-bf16": {**torch_, "EMOTION_DTYPE": "bfloat16"}, "torch-int8": torch_,
+               "torch-compile": {**torch_, "EMOTION_COMPILE": "on"},
                "onnx": {"EMOTION_RUNTIME": "onnx", "EMOTION_DTYPE": "float32"},
                "onnx-int8": {"EMOTION_RUNTIME": "onnx", "EMOTION_DTYPE": "int8"}}[mode]
+        if mode.startswith("onnx"):  # the export is made once, at the first load, and cached here for the server
+            env = {**env, "EMOTION_ONNX_CACHE_DIR": onnx_cache}
         if mode != "torch-int8":  # the others are settings the server takes as they are
             self.settings = env
         config = Settings.from_env({**env, "EMOTION_MODEL": model_dir, "EMOTION_DEVICE": "cpu"})
@@ -330,19 +335,25 @@ class _Engine:
 
     def two_at_once(self, clips):
         """Two threads into the model at once, one intra-op thread each: what two turns in
-        flight would give if the engine ran them so (it runs one at a time on CPU)."""
+        flight would give if the engine ran them so (it runs one at a time on CPU). Bench-only:
+        it calls the model past its lock."""
         import concurrent.futures
 
         import torch
 
-        forward = getattr(self.model, "forward_unlocked", None) or getattr(self.model, "_alone", None)
-        if forward is None or not hasattr(self.model, "_autocast"):
-            return None  # not a torch model: the runtime's own threading is what it is
+        onnx_frames = getattr(self.model, "_onnx", None)
+        if onnx_frames is not None:  # one session, one intra-op thread, run from two threads
+            from emotion.engine.onnx import OnnxFrames
+
+            forward = OnnxFrames(onnx_frames.path, threads=1)
+        else:
+            def forward(clip):
+                with torch.inference_mode(), self.model._autocast():
+                    self.model._alone([clip])
 
         def one(clip):
             t = time.perf_counter()
-            with torch.inference_mode(), self.model._autocast():
-                forward([clip])
+            forward(clip)
             return time.perf_counter() - t
 
         threads = torch.get_num_threads()
