@@ -61,6 +61,25 @@ def bench_engine_process() -> None:
         check(cpu["engine_process"] > cpu["inference"] > 0 and cpu["engine_process"] > cpu["process"] >= cpu["event_loop"] > 0, cpu)
 
 
+def cpu_modes() -> None:
+    """bench/cpu.py, tiny: every mode answers, the exact ones equal generate(), the server path runs."""
+    report = json.loads(run("bench/cpu.py", "--smoke").stdout)
+    modes = report["modes"]
+    check(set(modes) == {"generate", "torch", "torch-int8", "onnx-int8"} and not any("error" in m for m in modes.values()), modes)
+    for name, mode in modes.items():
+        check(mode["one_turn_alone"]["clips_per_s"] > 0 and mode["rss_after_warmup_mb"] > 0, (name, mode))
+    check(modes["torch"]["fidelity_vs_generate"]["max_score_diff"] <= 1e-4, modes["torch"])
+    for name in ("torch-int8", "onnx-int8"):
+        fidelity = modes[name]["fidelity_vs_fp32"]
+        check(fidelity["clips"] == 8 and 0 < fidelity["embedding_cosine_min"] <= 1.00001, (name, fidelity))
+    # The spread head: scores differ from clip to clip.
+    check(modes["torch"]["fp32_score_spread"]["top_score_p5_p50_p95"][0] < modes["torch"]["fp32_score_spread"]
+          ["top_score_p5_p50_p95"][2], modes["torch"])
+    server = report["action_server"]
+    check(server["mode"] == "onnx-int8" and server["errors"] == 0 and server["turns"] == 8, server)
+    check(server["health_ms_while_busy"]["probes"] > 0 and server["rss_after_warmup_mb"] > 0, server)
+
+
 def load_test() -> None:
     """Hostile and good turns mixed through the action server: no 5xx, each case answered as it should be."""
     proc = subprocess.run([sys.executable, "bench/load_test.py", "--turns", "90", "--concurrency", "16", "--timeout-s", "300"],
@@ -81,6 +100,6 @@ def loop_cost() -> None:
 
 
 if __name__ == "__main__":
-    for step in (bench_one_process, bench_engine_process, load_test, loop_cost):
+    for step in (bench_one_process, bench_engine_process, cpu_modes, load_test, loop_cost):
         step()
         print(f"bench smoke: {step.__name__} ok", flush=True)

@@ -211,13 +211,16 @@ class EmotionModel:
         """Score clips of any lengths (16 kHz mono float32), packed into one forward pass."""
         with self._lock:
             try:
-                with torch.inference_mode(), self._autocast():
-                    # Packed only where attention is a compiled kernel: unfused, FlexAttention
-                    # would write the whole packed sequence's (tokens x tokens) scores.
-                    if self.budgets:
-                        rows, counts = self._packed(waves)
-                    else:  # FunASR's own forward, a clip at a time (the CPU's best too)
-                        rows, counts = self._alone(waves)
+                with torch.inference_mode():
+                    with self._autocast():
+                        # Packed only where attention is a compiled kernel: unfused, FlexAttention
+                        # would write the whole packed sequence's (tokens x tokens) scores.
+                        if self.budgets:
+                            rows, counts = self._packed(waves)
+                        else:  # FunASR's own forward, a clip at a time (the CPU's best too)
+                            rows, counts = self._alone(waves)
+                    # The head and the pooling in fp32, outside autocast: under CPU autocast
+                    # the head's linear would come back in bf16, which numpy cannot take.
                     return self._outputs(rows.float(), counts, frames, embeddings)
             except torch.cuda.OutOfMemoryError as exc:
                 raise InferenceFailed(f"GPU out of memory on a batch of {len(waves)} clips") from exc
