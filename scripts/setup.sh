@@ -45,6 +45,9 @@ fi
 # onnx: EMOTION_RUNTIME=auto then runs ONNX Runtime on CPU here; the other venvs lack it
 # and fall back to torch.
 project_venv .venv test,onnx
+# The test extra holds the plot extra's packages: the server's setup (scripts/serve.sh) needs
+# nothing more, and must not reinstall (without a package index it could not).
+touch ".venv/.done-plot,onnx-$stamp"
 # rasa-sdk 3.6.2 (Sanic 21.12), as Rasa Open Source 3.6 and its rasa-sdk image run it. It
 # declares Python < 3.11; the project's own code runs on 3.11 there, as Rasa 3.6 does.
 if [ ! -f ".venv-sdk36/.done-plot-$stamp" ]; then
