@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", help="hub id, alias or local directory; default: a random-weight checkpoint of --size")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16, float16 or int8 (onnx)")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
+                        help="what runs the model (EMOTION_RUNTIME); auto is what the server runs here")
     parser.add_argument("--size", choices=("tiny", "base", "large"), default="large", help="checkpoint built when --model is not given")
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--baseline-clips", type=int, default=16)
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixed-seconds", type=float, help="every clip this long (e.g. 5)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--server-turns", type=int, default=64, help="turns through the action server over HTTP, per path (0: skip)")
-    parser.add_argument("--server-rate", type=float, default=8.0, help="turns per second offered to the server, Poisson arrivals")
+    parser.add_argument("--server-rate", type=float, default=8.0, help="turns per second offered to the server")
+    parser.add_argument("--arrivals", choices=("poisson", "even"), default="poisson",
+                        help="Poisson arrivals, or one every 1/rate seconds")
     parser.add_argument("--load-processes", type=int, default=2, help="processes sending those turns")
     parser.add_argument("--server-workers", type=int, default=1, help="the action server's Sanic workers (ACTION_SERVER_SANIC_WORKERS)")
     parser.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
@@ -66,15 +70,17 @@ def _run_bench(args: argparse.Namespace) -> dict:
             from emotion.tools.checkpoint import write_checkpoint
 
             model_dir = str(write_checkpoint(Path(tmp) / args.size, size=args.size))
-        config = Settings.from_env(model=model_dir, **{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k)})
+        # The ONNX export, where the runtime is onnx, is cached in the run's own directory.
+        config = Settings.from_env(model=model_dir, runtime=args.runtime, onnx_cache_dir=str(Path(tmp) / "onnx"),
+                                   **{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k)})
         backend = InProcessBackend(config).load()
         engine, model = EmotionEngine(config, backend=backend), backend.model
         clips = _clips(args)
         report = {
             "model": args.model or f"random-weight {args.size} checkpoint (real architecture, no accuracy)",
-            "parameters_m": round(sum(p.numel() for p in model.net.parameters()) / 1e6, 1),
             "device": _device_name(model.device),
-            "dtype": model.dtype_name,
+            "runtime": model.runtime,
+            "precision": model.precision,
             "torch_threads": _torch_threads(),
             "clips": len(clips),
             "clip_seconds": [round(min(map(len, clips)) / SAMPLE_RATE_HZ, 2), round(max(map(len, clips)) / SAMPLE_RATE_HZ, 2)],
@@ -83,6 +89,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
         }
         # FunASR's own model as loaded, fp32 and uncompiled: the baseline and the reference.
         plain = EmotionModel(model_dir, hub=config.hub, device=str(model.device), dtype="float32", compile="off")
+        report["parameters_m"] = round(sum(p.numel() for p in plain.net.parameters()) / 1e6, 1)
         report["funasr_generate_baseline"] = _baseline(plain, clips[: args.baseline_clips])
         report["engine"] = {str(c): asyncio.run(_engine_level(engine, backend, clips, c)) for c in args.concurrency}
         best = max(level["clips_per_s"] for level in report["engine"].values())
@@ -179,7 +186,7 @@ def _server(model_dir: str, config, args: argparse.Namespace) -> dict:
     at ``--server-rate`` from ``--load-processes`` processes), mixed lengths, on each way
     audio reaches the server."""
     env = {"EMOTION_MODEL": model_dir, "EMOTION_DEVICE": config.device, "EMOTION_DTYPE": config.dtype,
-           "EMOTION_URL_ALLOW": "127.0.0.1/32"}
+           "EMOTION_RUNTIME": config.runtime, "EMOTION_ONNX_CACHE_DIR": config.onnx_cache_dir, "EMOTION_URL_ALLOW": "127.0.0.1/32"}
     if config.max_batch_size:
         env["EMOTION_MAX_BATCH"] = str(config.max_batch_size)
     env["ACTION_SERVER_SANIC_WORKERS"], env["EMOTION_ENGINE_PROCESS"] = str(args.server_workers), args.engine_process
@@ -294,8 +301,9 @@ def _file_server(directory: str):
 
 
 async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: str, distinct: int) -> dict:
-    """Offer ``--server-turns`` turns at ``--server-rate`` per second, each sent at its
-    arrival time whether or not earlier ones were answered, and probe /health meanwhile."""
+    """Offer ``--server-turns`` turns at ``--server-rate`` per second (``--arrivals``), each
+    sent at its arrival time whether or not earlier ones were answered, and probe /health
+    meanwhile."""
     import concurrent.futures
     import multiprocessing
 
@@ -319,7 +327,8 @@ async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: s
     loop = asyncio.get_running_loop()
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = [loop.run_in_executor(pool, _load_process, url, path, clips_url, distinct, args.server_turns // processes
-                                     + (k < args.server_turns % processes), args.server_rate / processes, start_at, k)
+                                     + (k < args.server_turns % processes), args.server_rate / processes, start_at, k,
+                                     getattr(args, "arrivals", "poisson"), processes)
                 for k in range(processes)]
         prober = asyncio.create_task(probe())
         parts = await asyncio.gather(*runs)
@@ -330,6 +339,7 @@ async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: s
     finished = max(part["last_done"] for part in parts)
     statuses = [s for part in parts for s in part["status"]]
     return {
+        "arrivals": getattr(args, "arrivals", "poisson"),
         "turns": len(statuses),
         "offered_turns_per_s": round((len(sent) - 1) / (sent[-1] - sent[0]), 1) if len(sent) > 1 else None,
         "turns_per_s": round(len(ok) / (finished - sent[0]), 1),
@@ -341,17 +351,23 @@ async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: s
     }
 
 
-def _load_process(url: str, path: str, clips_url: str, distinct: int, turns: int, rate: float, start_at: float, seed: int) -> dict:
-    """One load process: Poisson arrivals at ``rate``, from ``start_at`` (CLOCK_MONOTONIC is
-    shared by every process on the machine)."""
-    return asyncio.run(_arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed))
+def _load_process(url: str, path: str, clips_url: str, distinct: int, turns: int, rate: float, start_at: float, seed: int,
+                  arrivals: str = "poisson", processes: int = 1) -> dict:
+    """One load process: arrivals at ``rate``, from ``start_at`` (CLOCK_MONOTONIC is shared
+    by every process on the machine)."""
+    return asyncio.run(_arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed, arrivals, processes))
 
 
-async def _arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed) -> dict:
+async def _arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed, arrivals, processes) -> dict:
     import httpx
 
     rng = np.random.default_rng(100 + seed)
-    offsets = np.cumsum(rng.exponential(1 / rate, turns)) if rate > 0 else np.zeros(turns)
+    if rate <= 0:
+        offsets = np.zeros(turns)
+    elif arrivals == "even":  # the processes' turns interleaved: together, one every 1/(rate x processes) s
+        offsets = (np.arange(turns) + seed / processes) / rate
+    else:
+        offsets = np.cumsum(rng.exponential(1 / rate, turns))
     wavs = {}
     out = {"sent_at": [], "latency_s": [], "status": [], "last_done": 0.0}
 

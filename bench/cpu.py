@@ -17,8 +17,9 @@ Per mode: one turn alone (each clip sent when the last is answered: latency and 
 two turns at once with one intra-op thread each (bench-only: two threads into the model,
 where the engine runs one turn at a time), the model's outputs on ``--fidelity-clips`` more
 clips, and the process's RSS after warm-up. Exact modes are compared with ``generate()``,
-inexact ones with ``torch`` (fp32). Then ``--server-mode`` through the real action server:
-``/v1/analyze`` with raw bytes, open loop at ``--server-load`` of its in-process capacity.
+inexact ones with fp32 (``onnx`` where it runs, being exact and the faster; else ``torch``).
+Then ``--server-mode`` through the real action server: ``/v1/analyze`` with raw bytes, open
+loop at ``--server-load`` of its in-process capacity, for each of ``--server-arrivals``.
 
 The checkpoint is random-weight (real architecture, real speed). Its head is spread (see
 ``_spread_head``) so that scores differ from clip to clip and argmax agreement means
@@ -72,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-mode", help="the mode served through the action server (default: none)")
     parser.add_argument("--server-turns", type=int, default=60)
     parser.add_argument("--server-load", type=float, default=0.8, help="offered rate as a share of in-process clips/s")
+    parser.add_argument("--server-arrivals", nargs="+", choices=("poisson", "even"), default=["poisson", "even"])
     parser.add_argument("--load-processes", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoint, a few clips: checks the harness in seconds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.clips, args.fidelity_clips, args.server_turns = "tiny", 4, 4, 8
@@ -149,7 +152,8 @@ def _machine(args: argparse.Namespace) -> dict:
 
 def _child(args: argparse.Namespace, mode: str, model_dir: str, tmp: str) -> dict:
     argv = [sys.executable, __file__, "--child", mode, "--child-dir", tmp, "--model", model_dir, "--clips", str(args.clips),
-            "--seconds", *map(str, args.seconds), "--fidelity-clips", str(args.fidelity_clips), "--threads", str(args.threads)]
+            "--seconds", *map(str, args.seconds), "--fidelity-clips", str(args.fidelity_clips), "--threads", str(args.threads),
+            "--reference", _reference(args.modes)]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
@@ -157,15 +161,20 @@ def _child(args: argparse.Namespace, mode: str, model_dir: str, tmp: str) -> dic
     return json.loads(proc.stdout)
 
 
+def _reference(modes) -> str:
+    """The fp32 mode the inexact ones are compared with."""
+    return "onnx" if "onnx" in modes else "torch"
+
+
 def _compare(modes: dict, tmp: str) -> None:
     """Ratios to generate(), and fidelity: exact modes against generate() on the timed clips,
-    inexact ones against fp32 (torch) on the timed and the fidelity clips."""
+    inexact ones against fp32 (``_reference``) on the timed and the fidelity clips."""
     def load(mode):
         path = Path(tmp) / f"{mode}.npz"
         return np.load(path) if path.exists() else None
 
     base = modes.get("generate", {})
-    reference, fp32 = load("generate"), load("torch")
+    reference, fp32 = load("generate"), load(_reference(modes))
     for mode, r in modes.items():
         if "error" in r:
             continue
@@ -187,7 +196,7 @@ def _compare(modes: dict, tmp: str) -> None:
     if fp32 is not None:
         top = fp32["scores"].max(1)
         # How far the spread head spreads: a constant head would give one score and one label.
-        modes["torch"]["fp32_score_spread"] = {
+        modes[_reference(modes)]["fp32_score_spread"] = {
             "top_score_p5_p50_p95": [round(float(np.percentile(top, p)), 3) for p in (5, 50, 95)],
             "argmax_labels_seen": int(len(set(fp32["scores"].argmax(1).tolist()))),
         }
@@ -217,23 +226,26 @@ def _server(args: argparse.Namespace, model_dir: str, measured: dict | None) -> 
     env = {"EMOTION_MODEL": model_dir, "EMOTION_DEVICE": "cpu", "EMOTION_URL_ALLOW": "127.0.0.1/32"}
     env.update(measured["settings"])
     capacity = measured["one_turn_alone"]["clips_per_s"]
-    load = argparse.Namespace(server_turns=args.server_turns, server_rate=args.server_load * capacity, seconds=args.seconds,
-                              fixed_seconds=None, load_processes=args.load_processes)
+    one_turn_p50 = measured["one_turn_alone"]["latency_ms"]["p50"]
+    report = {"mode": mode, "env": measured["settings"], "path": "api_raw_bytes", "in_process_clips_per_s": capacity,
+              "in_process_one_turn_p50_ms": one_turn_p50}
     with tempfile.TemporaryDirectory() as clips_dir:
-        wavs = common._turn_wavs(load, Path(clips_dir))
         try:
             with common.action_server(env) as (_proc, url), common._file_server(clips_dir) as clips_url:
                 pid = httpx.get(url + "/ready").json()["pid"]  # the worker that holds the model
-                rss = _rss_mb(pid)
-                run = asyncio.run(common._open_loop(url, "api_raw_bytes", load, clips_url, len(wavs)))
-                run["rss_after_warmup_mb"], run["rss_after_load_mb"] = rss, _rss_mb(pid)
+                report["rss_after_warmup_mb"] = _rss_mb(pid)
+                for arrivals in args.server_arrivals:
+                    load = argparse.Namespace(server_turns=args.server_turns, server_rate=args.server_load * capacity,
+                                              seconds=args.seconds, fixed_seconds=None, load_processes=args.load_processes,
+                                              arrivals=arrivals)
+                    wavs = common._turn_wavs(load, Path(clips_dir))
+                    run = asyncio.run(common._open_loop(url, "api_raw_bytes", load, clips_url, len(wavs)))
+                    run["p95_over_in_process_p50"] = round(run["latency_ms"]["p95"] / one_turn_p50, 2) if run["latency_ms"] else None
+                    report[arrivals] = run
+                report["rss_after_load_mb"] = _rss_mb(pid)
         except RuntimeError as exc:
-            return {"mode": mode, "error": str(exc)}
-    one_turn_p50 = measured["one_turn_alone"]["latency_ms"]["p50"]
-    return {"mode": mode, "env": measured["settings"], "path": "api_raw_bytes", "in_process_clips_per_s": capacity,
-            "in_process_one_turn_p50_ms": one_turn_p50,
-            "p95_over_in_process_p50": round(run["latency_ms"]["p95"] / one_turn_p50, 2) if run["latency_ms"] else None,
-            **run}
+            return {**report, "error": str(exc)}
+    return report
 
 
 def _rss_mb(pid: int | str = "self") -> float:
@@ -270,8 +282,8 @@ def _run_child(args: argparse.Namespace) -> dict:
         if two["clips_per_s"] > best["clips_per_s"]:
             best = {"variant": "two turns at once, 1 intra-op thread each (bench-only)", **two}
     out["best"] = {k: best[k] for k in ("variant", "clips_per_s", "audio_seconds_per_s")}
-    # The fidelity clips where they are compared: torch (fp32) is the inexact modes' reference.
-    scores, embeddings = runner.outputs(clips + fidelity if mode == "torch" or mode not in EXACT + ("generate",) else clips)
+    # The fidelity clips where they are compared: in the inexact modes and their fp32 reference.
+    scores, embeddings = runner.outputs(clips + fidelity if mode == args.reference or mode not in EXACT + ("generate",) else clips)
     np.savez(tmp / f"{mode}.npz", scores=scores, embeddings=embeddings)
     out["peak_rss_mb"] = round(int(next(line for line in Path("/proc/self/status").read_text().splitlines()
                                         if line.startswith("VmHWM:")).split()[1]) / 1024, 1)

@@ -76,8 +76,11 @@ def cpu_modes() -> None:
     check(modes["torch"]["fp32_score_spread"]["top_score_p5_p50_p95"][0] < modes["torch"]["fp32_score_spread"]
           ["top_score_p5_p50_p95"][2], modes["torch"])
     server = report["action_server"]
-    check(server["mode"] == "onnx-int8" and server["errors"] == 0 and server["turns"] == 8, server)
-    check(server["health_ms_while_busy"]["probes"] > 0 and server["rss_after_warmup_mb"] > 0, server)
+    check(server["mode"] == "onnx-int8" and server["rss_after_warmup_mb"] > 0, server)
+    for arrivals in ("poisson", "even"):
+        run_ = server[arrivals]
+        check(run_["arrivals"] == arrivals and run_["errors"] == 0 and run_["turns"] == 8, run_)
+        check(run_["health_ms_while_busy"]["probes"] > 0 and run_["p95_over_in_process_p50"] > 0, run_)
 
 
 def load_test() -> None:
