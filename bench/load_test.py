@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         flac = encode_audio((rng.standard_normal(16000 * 2) * 0.1).astype(np.float32), 16000, "FLAC", "PCM_16")
         audio_server, audio_url = _serve_audio(flac)
         cases = _cases(audio_url)
-        env = {"EMOTION_MODEL": model, "EMOTION_URL_ALLOW": "127.0.0.1/32"}
+        # The server's default runtime; an ONNX export it makes stays in the run's directory.
+        env = {"EMOTION_MODEL": model, "EMOTION_URL_ALLOW": "127.0.0.1/32", "EMOTION_ONNX_CACHE_DIR": str(Path(tmp) / "onnx")}
         try:
             with action_server(env, timeout_s=180) as (proc, url):
                 rss: dict[str, float] = {"start": _rss_mb(proc.pid)}
+                ready = httpx.get(url + "/ready", timeout=5).json()
                 run = asyncio.run(_run(url, cases, args.turns, args.concurrency, args.timeout_s,
                                        lambda: rss.__setitem__("after_warmup", _rss_mb(proc.pid))))
                 rss["end"] = _rss_mb(proc.pid)
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     lat = np.array(run["latencies"]) * 1000
     report = {
         "turns": len(statuses),
+        "runtime": ready.get("runtime"),
+        "dtype": ready.get("dtype"),
         "concurrency": args.concurrency,
         "turns_per_s": round(len(statuses) / run["elapsed_s"], 1),
         "status_counts": {str(s): statuses.count(s) for s in sorted(set(statuses))},
