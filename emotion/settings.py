@@ -61,7 +61,7 @@ class Settings:
                           choices=("auto", "float32", "bfloat16", "float16", "int8"))
     runtime: str = _setting("auto", "model", "What runs the model: `torch` (FunASR's own forward) or `onnx` (ONNX Runtime on "
                             "an export made once and cached, CPU only, [onnx.md](onnx.md)); `auto`: onnx on the CPU when "
-                            "onnxruntime is installed (the `onnx` extra) and the dtype is `auto` or `float32`, "
+                            "the `onnx` extra (onnxruntime, onnx, onnxscript) is installed and the dtype is `auto` or `float32`, "
                             "torch otherwise and always on CUDA.", choices=("auto", "torch", "onnx"))
     onnx_cache_dir: str = _setting(DEFAULT_ONNX_CACHE_DIR, "model", "Where the onnx runtime keeps its exports, one "
                                    "per checkpoint content and precision; a changed checkpoint is exported afresh.")

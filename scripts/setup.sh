@@ -42,8 +42,8 @@ if [ "${1:-}" != "--test" ]; then
     exit 0
 fi
 
-# onnx: EMOTION_RUNTIME=auto then runs ONNX Runtime on CPU here; the other venvs lack it
-# and fall back to torch.
+# onnx: EMOTION_RUNTIME=auto then runs ONNX Runtime on CPU here; the other venvs lack the
+# extra (Rasa Pro's has onnxruntime alone) and fall back to torch.
 project_venv .venv test,onnx
 # The test extra holds the plot extra's packages: the server's setup (scripts/serve.sh) needs
 # nothing more, and must not reinstall (without a package index it could not).

@@ -90,7 +90,7 @@ def sockets_to(port: int) -> list[str]:
 # price list on import, telemetry would phone home.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
-# The onnx runtime's exports (EMOTION_RUNTIME=auto on CPU where onnxruntime is installed),
+# The onnx runtime's exports (EMOTION_RUNTIME=auto on CPU where the onnx extra is installed),
 # kept between runs: they are named by the checkpoints' contents, so a stale one is never used.
 os.environ.setdefault("EMOTION_ONNX_CACHE_DIR", str(ROOT / ".pytest_cache" / "onnx"))
 try:  # the Rasa Pro tests run in Rasa Pro's own environment (scripts/test.sh)

@@ -182,8 +182,10 @@ def test_auto_runtime_is_onnx_on_cpu_where_installed_else_torch(monkeypatch):
     with pytest.raises(ConfigError, match="EMOTION_RUNTIME=onnx runs on the CPU only"):
         resolve_runtime("onnx", torch.device("cuda"), "auto")
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
-    assert resolve_runtime("auto", cpu, "auto") == "torch"  # .venv-sdk36, .rasa-pro-venv: no onnxruntime
+    for absent in ("onnxruntime", "onnxscript"):  # .venv-sdk36: none of the extra; Rasa Pro: onnxruntime alone
+        with monkeypatch.context() as m:
+            m.setattr(importlib.util, "find_spec", lambda name, *a, absent=absent: None if name == absent else find_spec(name, *a))
+            assert resolve_runtime("auto", cpu, "auto") == "torch"
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     with pytest.raises(ModelUnavailable, match=r'pip install "rasa-emotion2vec\[onnx\]"'):
         onnx.onnxruntime()

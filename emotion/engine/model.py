@@ -73,12 +73,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+# What the onnx runtime needs, the export included: onnxruntime alone is not enough (Rasa Pro
+# installs it without the other two).
+ONNX_PACKAGES = ("onnxruntime", "onnx", "onnxscript")
+
+
 def resolve_runtime(runtime: str, device: torch.device, dtype: str) -> str:
-    """``auto``: ONNX Runtime on the CPU where it is installed and the precision is one it
-    runs (fp32, int8); torch otherwise, and always on CUDA."""
+    """``auto``: ONNX Runtime on the CPU where the ``onnx`` extra is installed and the
+    precision is one it runs (fp32, int8); torch otherwise, and always on CUDA."""
     if runtime == "auto":
         fits = device.type == "cpu" and dtype in ("auto", "float32", "int8")
-        runtime = "onnx" if fits and importlib.util.find_spec("onnxruntime") is not None else "torch"
+        runtime = "onnx" if fits and all(importlib.util.find_spec(p) is not None for p in ONNX_PACKAGES) else "torch"
     if runtime == "onnx" and device.type != "cpu":
         raise ConfigError(f"EMOTION_RUNTIME=onnx runs on the CPU only, and EMOTION_DEVICE gives {device}: set "
                           "EMOTION_DEVICE=cpu or EMOTION_RUNTIME=torch")

@@ -17,7 +17,7 @@ import sys
 import httpx
 import pytest
 import rasa.core.processor  # noqa: F401  (imports Rasa Pro's modules in the order its server does)
-from conftest import ROOT, LocalHTTPServer, free_port, wav_bytes
+from conftest import ROOT, LocalHTTPServer, free_port, speech_like, wav_bytes
 from rasa.core.agent import load_agent
 from rasa.core.channels.channel import CollectingOutputChannel, UserMessage
 from rasa.core.config.available_endpoints import AvailableEndpoints
@@ -171,6 +171,17 @@ def in_process(run, model, angry90, audio_root):
         assert engine.warm  # before the first caller speaks
         yield agent
         run(engine.close())
+
+
+@pytest.mark.onnx  # the default runtime as it resolves, not pinned to torch
+def test_the_default_runtime_beside_rasa_pro_is_torch(angry90):
+    """Rasa Pro installs onnxruntime but not onnx and onnxscript, which the export needs: the
+    default runtime is FunASR's forward there, not an export that cannot be made."""
+    with fresh_plugin():
+        from emotion.engine.model import EmotionModel
+
+        model = EmotionModel(str(angry90), device="cpu", runtime="auto")
+    assert model.runtime == "torch" and model.forward([speech_like(1.0)])[0].probs.max() > 0.85
 
 
 @pytest.fixture(scope="module", params=["over_http", "in_process"])
