@@ -102,7 +102,13 @@ def loop_cost() -> None:
     check(len(rounds) == 3 and all(float(engine) > 0 and float(worker) > 0 for engine, worker, _ in rounds), out)
 
 
+def queue_model() -> None:
+    report = json.loads(run("bench/queue_model.py", "--turns", "5000", "--short-runs", "5").stdout)
+    # Even arrivals queue less than Poisson ones at the same load.
+    check(0 < report["even_first_come"]["p95"] < report["poisson_first_come"]["p95"], report)
+
+
 if __name__ == "__main__":
-    for step in (bench_one_process, bench_engine_process, cpu_modes, load_test, loop_cost):
+    for step in (bench_one_process, bench_engine_process, cpu_modes, load_test, loop_cost, queue_model):
         step()
         print(f"bench smoke: {step.__name__} ok", flush=True)
