@@ -64,7 +64,8 @@ class Settings:
                             "the `onnx` extra (onnxruntime, onnx, onnxscript) is installed and the dtype is `auto` or `float32`, "
                             "torch otherwise and always on CUDA.", choices=("auto", "torch", "onnx"))
     onnx_cache_dir: str = _setting(DEFAULT_ONNX_CACHE_DIR, "model", "Where the onnx runtime keeps its exports, one "
-                                   "per checkpoint content and precision; a changed checkpoint is exported afresh.")
+                                   "per checkpoint content and precision; a changed checkpoint is exported afresh. Nothing "
+                                   "is ever removed from it: delete files there to free the space.")
     compile: str = _setting("auto", "model", "`torch.compile` the conv front end and, on CUDA, the transformer blocks for packed "
                             "batches (`auto`: on CUDA only). Packing needs it: with `off`, clips run one at a time through "
                             "FunASR's own forward.", choices=("auto", "on", "off"))

@@ -120,9 +120,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True)
 def _auto_runtime_is_torch(request, monkeypatch):
-    """``EMOTION_RUNTIME=auto`` is ONNX Runtime on a CPU where it is installed, and exporting a
-    checkpoint costs about 20 s of CPU: tests run FunASR's forward unless they name the onnx
-    runtime, or are about it (marked ``onnx``). The session servers say which they run."""
+    """``EMOTION_RUNTIME=auto`` is ONNX Runtime on a CPU where the onnx extra is installed, and
+    exporting a checkpoint costs about 20 s of CPU: tests run FunASR's forward unless they name
+    the onnx runtime, or are about it (marked ``onnx``). The session servers say which they run."""
     if request.node.get_closest_marker("onnx") is None:
         try:
             from emotion.engine import model

@@ -182,7 +182,7 @@ def test_auto_runtime_is_onnx_on_cpu_where_installed_else_torch(monkeypatch):
     with pytest.raises(ConfigError, match="EMOTION_RUNTIME=onnx runs on the CPU only"):
         resolve_runtime("onnx", torch.device("cuda"), "auto")
     find_spec = importlib.util.find_spec
-    for absent in ("onnxruntime", "onnxscript"):  # .venv-sdk36: none of the extra; Rasa Pro: onnxruntime alone
+    for absent in ("onnxruntime", "onnx", "onnxscript"):  # .venv-sdk36: none of the extra; Rasa Pro: onnxruntime alone
         with monkeypatch.context() as m:
             m.setattr(importlib.util, "find_spec", lambda name, *a, absent=absent: None if name == absent else find_spec(name, *a))
             assert resolve_runtime("auto", cpu, "auto") == "torch"

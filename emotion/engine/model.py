@@ -79,18 +79,15 @@ ONNX_PACKAGES = ("onnxruntime", "onnx", "onnxscript")
 
 
 def resolve_runtime(runtime: str, device: torch.device, dtype: str) -> str:
-    """``auto``: ONNX Runtime on the CPU where the ``onnx`` extra is installed and the
-    precision is one it runs (fp32, int8); torch otherwise, and always on CUDA."""
+    """``auto``: ONNX Runtime on the CPU where the ``onnx`` extra is installed and the dtype
+    is fp32; torch otherwise, and always on CUDA. Only what needs the device is checked here:
+    Settings checks the rest (int8 only with ``onnx``, which runs no fp16 or bf16)."""
     if runtime == "auto":
-        fits = device.type == "cpu" and dtype in ("auto", "float32", "int8")
-        runtime = "onnx" if fits and all(importlib.util.find_spec(p) is not None for p in ONNX_PACKAGES) else "torch"
-    if runtime == "onnx" and device.type != "cpu":
+        fits = device.type == "cpu" and dtype in ("auto", "float32")
+        runtime = "onnx" if fits and all(importlib.util.find_spec(p) for p in ONNX_PACKAGES) else "torch"
+    if runtime == "onnx" and device.type != "cpu":  # EMOTION_DEVICE=auto on a machine with a GPU
         raise ConfigError(f"EMOTION_RUNTIME=onnx runs on the CPU only, and EMOTION_DEVICE gives {device}: set "
                           "EMOTION_DEVICE=cpu or EMOTION_RUNTIME=torch")
-    if runtime == "onnx" and dtype not in ("auto", "float32", "int8"):
-        raise ConfigError(f"EMOTION_DTYPE={dtype}: the onnx runtime runs float32 or int8")
-    if runtime == "torch" and dtype == "int8":
-        raise ConfigError("EMOTION_DTYPE=int8: only the onnx runtime runs int8 (EMOTION_RUNTIME=onnx)")
     return runtime
 
 
