@@ -274,13 +274,15 @@ def serve(tmp_path_factory):
 def _export_for(model_dir: Path) -> None:
     """A server on CPU exports its checkpoint to ONNX as it loads: made here first, once per
     checkpoint, rather than by several servers at once while their start is timed."""
+    import torch
+
     from emotion.engine import onnx
+    from emotion.engine.loading import build_automodel
     from emotion.errors import ModelUnavailable
 
-    path = onnx.cache_path(model_dir, "float32", Path(os.environ["EMOTION_ONNX_CACHE_DIR"]))
-    if not path.is_file():
-        with contextlib.suppress(ModelUnavailable):  # a broken checkpoint: its server says so itself
-            onnx.export_onnx(str(model_dir), path)
+    with contextlib.suppress(ModelUnavailable):  # a broken checkpoint: its server says so itself
+        onnx.load_cached(build_automodel(str(model_dir), "ms", torch.device("cpu")), str(model_dir), precision="float32",
+                         cache_dir=Path(os.environ["EMOTION_ONNX_CACHE_DIR"]), threads=torch.get_num_threads())
 
 
 def _angry_env(models, audio_root, alerts) -> dict[str, str]:

@@ -4,6 +4,7 @@ the export-onnx command."""
 
 import asyncio
 import json
+import re
 import shutil
 
 import numpy as np
@@ -13,9 +14,10 @@ from conftest import loaded, speech_like
 from emotion.errors import ConfigError, ModelUnavailable
 from emotion.settings import Settings
 
-# The shortest and longest clips the engine runs whole, and lengths that are no multiple of
-# the conv stride (320 samples).
-LENGTHS = (16_000, 30 * 16_000, 2 * 16_000 + 4321, 7919)
+# 1 s; the longest clip the engine runs with the default window (30 s, its last window taking
+# a tail under 15 s); lengths that are no multiple of the conv stride (320 samples). The
+# export itself checks the shortest clip the graph takes.
+LENGTHS = (16_000, 45 * 16_000 - 1, 2 * 16_000 + 4321, 7919)
 
 pytestmark = pytest.mark.onnx
 
@@ -26,10 +28,36 @@ def onnx_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_model(tiny_model, onnx_cache):
+def exports():
+    """Each export_onnx call of onnx_model's load: the AutoModel it was given, as it found it
+    and as it left it."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tiny_model, onnx_cache, exports):
+    from emotion.engine import onnx
     from emotion.engine.model import EmotionModel
 
-    return EmotionModel(str(tiny_model), device="cpu", runtime="onnx", onnx_cache_dir=str(onnx_cache))
+    export = onnx.export_onnx
+
+    def recorded(model, out, *, auto, **options):
+        before = _traces(auto)
+        report = export(model, out, auto=auto, **options)
+        exports.append((auto, before, _traces(auto)))
+        return report
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(onnx, "export_onnx", recorded)
+        return EmotionModel(str(tiny_model), device="cpu", runtime="onnx", onnx_cache_dir=str(onnx_cache))
+
+
+def _traces(auto) -> dict:
+    """What an export could leave changed in the model it traces."""
+    modules = list(auto.model.modules())
+    return {"training": [m.training for m in modules], "alibi": auto.model.modality_encoders["AUDIO"].get_alibi_bias,
+            "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules],
+            "weights": [(k, v.clone()) for k, v in auto.model.state_dict().items()]}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +83,15 @@ def test_the_exported_file_alone_matches_funasr_generate(onnx_model, torch_model
         assert np.abs(scores[0] - np.array(ref["scores"])).max() <= 1e-4, samples
         assert np.abs(embedding[0] - ref["feats"]).max() <= 1e-4, samples
         assert frames.shape == (1, torch_model.frames(samples), torch_model.embed_dim)
+
+
+def test_the_export_traces_the_models_own_automodel_and_leaves_it_as_found(onnx_model, exports):
+    """One AutoModel in memory at the first start, not a second for the export."""
+    ((auto, before, after),) = exports
+    assert auto is onnx_model.funasr
+    assert [before[k] for k in ("training", "alibi", "hooks")] == [after[k] for k in ("training", "alibi", "hooks")]
+    assert [k for k, _ in before["weights"]] == [k for k, _ in after["weights"]]
+    assert all(a.equal(b) for (_, a), (_, b) in zip(before["weights"], after["weights"]))
 
 
 def test_onnx_runtime_gives_the_torch_runtime_results(onnx_model, torch_model):
@@ -115,6 +152,88 @@ def test_the_export_is_cached_by_content_and_a_changed_checkpoint_exported_afres
     assert int8.precision == "int8" and not list(onnx_cache.glob(".*")), "no temporary file is left behind"
 
 
+def test_the_cache_key_is_made_of_the_weights_funasr_loaded(tiny_model, tmp_path):
+    """config.yaml may name other weights than model.pt (FunASR's init_param): those are hashed."""
+    import torch
+
+    from emotion.engine import onnx
+    from emotion.engine.loading import build_automodel
+    from emotion.tools.checkpoint import write_checkpoint
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    (copy / "model.pt").rename(copy / "weights.pt")
+    with open(copy / "config.yaml", "a", encoding="utf-8") as f:
+        f.write(f"init_param: {copy / 'weights.pt'}\n")
+    before = onnx.cache_paths(build_automodel(str(copy), "ms", torch.device("cpu")), tmp_path)
+    shutil.copy(write_checkpoint(tmp_path / "other", size="tiny", seed=7) / "model.pt", copy / "weights.pt")
+    after = onnx.cache_paths(build_automodel(str(copy), "ms", torch.device("cpu")), tmp_path)
+    assert before["float32"] != after["float32"] and before["int8"] != after["int8"]
+
+
+@pytest.mark.parametrize("damage", ["not_onnx", "other_labels", "made_afresh_unusable"])
+def test_a_damaged_cached_export_is_made_afresh_once(tiny_model, onnx_model, tmp_path, monkeypatch, caplog, damage):
+    """A torn write, a file from elsewhere: exported again, not a model that never loads.
+    The export is replaced by a copy of the one made already, or by another damaged file."""
+    import onnx as onnx_lib
+    import torch
+
+    from emotion.engine import onnx
+    from emotion.engine.loading import build_automodel
+    from emotion.engine.model import EmotionModel
+
+    made = onnx_model._onnx.path
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = onnx.cache_paths(build_automodel(str(tiny_model), "ms", torch.device("cpu")), cache)["float32"]
+    if damage == "other_labels":
+        proto = onnx_lib.load(str(made))
+        next(p for p in proto.metadata_props if p.key == "labels").value = json.dumps(["生气/angry", "开心/happy"])
+        onnx_lib.save(proto, str(path))
+    else:
+        path.write_bytes(b"not an ONNX file")
+    exported = []
+
+    def export(model, out, **_):
+        exported.append(model)
+        if damage == "made_afresh_unusable":
+            out.write_bytes(b"not an ONNX file")
+        else:
+            shutil.copy(made, out)
+
+    monkeypatch.setattr(onnx, "export_onnx", export)
+    if damage == "made_afresh_unusable":
+        with pytest.raises(ModelUnavailable, match=r"the ONNX export .*-float32\.onnx, made just now, is unusable: InvalidProtobuf"):
+            EmotionModel(str(tiny_model), device="cpu", runtime="onnx", onnx_cache_dir=str(cache))
+    else:
+        model = EmotionModel(str(tiny_model), device="cpu", runtime="onnx", onnx_cache_dir=str(cache))
+        wave = speech_like(2.0)
+        assert np.abs(model.forward([wave])[0].probs - onnx_model.forward([wave])[0].probs).max() <= 1e-6
+    assert exported == [str(tiny_model)] and "is unusable" in caplog.text
+
+
+@pytest.mark.parametrize("trouble", ["unwritable_cache", "unforeseen"])
+def test_a_model_that_fails_to_load_says_why_in_the_status(tiny_model, tmp_path, monkeypatch, trouble):
+    from emotion.engine import onnx
+    from emotion.engine.core import EmotionEngine
+
+    (tmp_path / "a-file").write_text("")
+    cache = tmp_path / "a-file" / "onnx"  # unwritable for root too
+    reason = rf"EMOTION_ONNX_CACHE_DIR={re.escape(str(cache))}: cannot write the ONNX export {re.escape(str(cache))}/" \
+             r"emotion2vec-\w+-float32\.onnx: .*Not a directory"
+    if trouble == "unforeseen":  # an error no boundary translates, as a bug would raise
+
+        def load_cached(*_args, **_options):
+            raise RuntimeError("something unforeseen\nand its second line")
+
+        monkeypatch.setattr(onnx, "load_cached", load_cached)
+        reason = r"could not load the model: RuntimeError: something unforeseen$"
+    engine = EmotionEngine(Settings(model=str(tiny_model), device="cpu", runtime="onnx", onnx_cache_dir=str(cache)))
+    with pytest.raises(ModelUnavailable, match=reason):
+        engine.backend.load()
+    status = asyncio.run(engine.status())
+    assert not status["ready"] and re.match(reason, status["error"])
+
+
 @pytest.fixture(scope="module")
 def spread_model(tiny_model, tmp_path_factory):
     """The random checkpoint with its head's weights scaled up: the scores spread (a clear
@@ -154,6 +273,23 @@ def test_export_onnx_command_int8(spread_model, torch_model, tmp_path, capsys):
         assert np.argmax(scores[0]) == np.argmax(fp32) and np.abs(scores[0] - fp32).max() < 0.1
 
 
+def test_export_onnx_command_refuses_a_checkpoint_that_does_not_fit_its_config(tmp_path, capsys):
+    """FunASR would keep random weights for the tensors that do not fit, and the export would
+    check those against themselves."""
+    import torch
+
+    from emotion.tools.checkpoint import write_checkpoint
+    from emotion.tools.cli import main
+
+    model = write_checkpoint(tmp_path / "model")
+    state = torch.load(model / "model.pt")
+    state["proj.weight"] = torch.zeros(9, 16)  # wrong width
+    torch.save(state, model / "model.pt")
+    assert main(["export-onnx", str(model), str(tmp_path / "out.onnx")]) == 2
+    assert "checkpoint does not match its config.yaml: proj.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_runtime_and_dtype_settings_are_checked():
     with pytest.raises(ConfigError, match="EMOTION_RUNTIME=onnx runs on the CPU only"):
         Settings(runtime="onnx", device="cuda:0")
@@ -187,5 +323,6 @@ def test_auto_runtime_is_onnx_on_cpu_where_installed_else_torch(monkeypatch):
             m.setattr(importlib.util, "find_spec", lambda name, *a, absent=absent: None if name == absent else find_spec(name, *a))
             assert resolve_runtime("auto", cpu, "auto") == "torch"
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
-    with pytest.raises(ModelUnavailable, match=r'pip install "rasa-emotion2vec\[onnx\]"'):
+    with pytest.raises(ModelUnavailable, match=r'onnxruntime, which cannot be imported \(import of onnxruntime halted.*\): '
+                                               r'pip install "rasa-emotion2vec\[onnx\]"'):
         onnx.onnxruntime()

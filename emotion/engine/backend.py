@@ -21,7 +21,7 @@ from emotion.engine.batching import BatchStats, MicroBatcher, plan_batches, run_
 from emotion.engine.cpu import timed
 from emotion.engine.plan import Clip, Plan, assemble, clips_for, plan_turn
 from emotion.engine.results import EmotionResult
-from emotion.errors import ConfigError, EmotionError, ModelUnavailable, Overloaded, first_line
+from emotion.errors import EmotionError, ModelUnavailable, Overloaded, first_line
 from emotion.settings import LABELS, Settings
 
 __all__ = ["Backend", "Backlog", "InProcessBackend"]
@@ -93,11 +93,14 @@ class InProcessBackend:
         try:
             self.model = EmotionModel(s.model, hub=s.hub, device=s.device, dtype=s.dtype, compile=s.compile, labels=s.labels,
                                       runtime=s.runtime, onnx_cache_dir=s.onnx_cache_dir)
-        except (ModelUnavailable, ConfigError) as exc:
+            if s.warmup:
+                self._warmup()
+        except EmotionError as exc:
             self.error = exc.message
             raise
-        if s.warmup:
-            self._warmup()
+        except Exception as exc:  # one no boundary translated: /ready must still say why
+            self.error = f"could not load the model: {type(exc).__name__}: {first_line(exc)}"
+            raise ModelUnavailable(self.error) from exc
         # A graph compiled while serving stalls every conversation: /ready counts them.
         self._graphs_at_ready = self.model.compiled_graphs()
         self.warm = True

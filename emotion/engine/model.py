@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from emotion.engine import onnx
-from emotion.engine.loading import build_automodel
+from emotion.engine.loading import _alibi_unit, _conv_layers, _samples_for_frames, _scored, build_automodel
 from emotion.engine.packing import Pack, plan_pack
 from emotion.engine.results import Head
 from emotion.errors import ConfigError, InferenceFailed, ModelUnavailable, first_line
@@ -108,8 +108,7 @@ class EmotionModel:
         tokens = list(auto.kwargs.get("token_list") or [])
         if self.net.proj is None or not tokens:
             raise ModelUnavailable(f"{model}: checkpoint has no classification head or no tokens.txt")
-        # FunASR hides labels named 'unuse*' (the 4-class seed model pads its head with them).
-        self._keep = [i for i, t in enumerate(tokens) if not t.startswith("unuse")]
+        self._keep = _scored(tokens)
         self.labels = [english_label(tokens[i]) for i in self._keep]
         if labels:
             # Scores renormalised over the labels an application uses: a softmax over their
@@ -124,11 +123,10 @@ class EmotionModel:
         self.embed_dim = int(self.net.cfg.get("embed_dim"))
         self._lock = threading.Lock()
         self._head: Head | None = None
-        _check_checkpoint(self.net, auto.kwargs.get("init_param"), model)
         encoder = self.net.modality_encoders["AUDIO"]
         cfg = encoder.modality_cfg
         self._encoder = encoder
-        self._conv_layers = [(int(k), int(s)) for _dim, k, s in encoder.feature_enc_layers]
+        self._conv_layers = _conv_layers(self.net)
         self.stride = int(np.prod([s for _k, s in self._conv_layers]))
         self._extra = int(cfg.num_extra_tokens)
         # Zero frames a packed clip needs on each side, so that the positional convolution
@@ -139,8 +137,9 @@ class EmotionModel:
         self.packs = False
         self.budgets: tuple[int, ...] = ()
         if self.runtime == "onnx":
-            self._onnx = onnx.load_cached(Path(auto.kwargs["model_path"]), model, hub=hub, precision=self.precision,
-                                          cache_dir=Path(onnx_cache_dir).expanduser(), threads=torch.get_num_threads())
+            # Exported from this AutoModel, before any hook or attention wrapper of ours is in it.
+            self._onnx = onnx.load_cached(auto, model, precision=self.precision, cache_dir=Path(onnx_cache_dir).expanduser(),
+                                          threads=torch.get_num_threads())
             self._drop_encoder()
             return
         self._install_gap_hooks()
@@ -286,10 +285,7 @@ class EmotionModel:
 
     def frames_to_samples(self, frames: int) -> int:
         """The fewest samples that give this many frames."""
-        samples = 1
-        for kernel, stride in reversed(self._conv_layers):
-            samples = (samples - 1) * stride + kernel
-        return samples + (frames - 1) * self.stride
+        return _samples_for_frames(self._conv_layers, frames)
 
     def _outputs(self, x: torch.Tensor, counts: list[int], frames: bool, embeddings: bool) -> list[ClipOutput]:
         """Per-clip results from every clip's frame rows, one after another."""
@@ -373,8 +369,7 @@ class FlexAltAttention(torch.nn.Module):
 def use_flex_attention(net: torch.nn.Module) -> list[torch.nn.Module]:
     """Swap FlexAltAttention into every transformer block (context encoder, then the main
     blocks); return those blocks, or none if any block does not fit it."""
-    from funasr.models.emotion2vec.base import get_alibi  # funasr is imported by now
-    from funasr.models.emotion2vec.modules import AltBlock
+    from funasr.models.emotion2vec.modules import AltBlock  # funasr is imported by now
 
     enc = net.modality_encoders["AUDIO"]
     cfg = enc.modality_cfg
@@ -384,7 +379,7 @@ def use_flex_attention(net: torch.nn.Module) -> list[torch.nn.Module]:
         isinstance(b, AltBlock) and not b.attn.cosine_attention and b.attn.num_heads == heads for b in blocks
     ):
         return []
-    unit = get_alibi(2, heads)[:, 0, 1].float().to(next(net.parameters()).device)  # -slope: the bias at distance 1
+    unit = _alibi_unit(heads).to(next(net.parameters()).device)
     if enc.get_alibi_bias is None:
         unit = torch.zeros_like(unit)
     # FunASR's scale: clamped at 0, one for all layers or one per layer, per head or shared.
@@ -440,28 +435,3 @@ def _normalise_regions(x: torch.Tensor, waves, pack: Pack, device) -> torch.Tens
     centered = x - _segment_means(x, lengths)[region]
     return centered * torch.rsqrt(_segment_means(centered.square(), lengths) + 1e-5)[region]
 
-
-def _check_checkpoint(net: torch.nn.Module, path: str | None, model: str) -> None:
-    """FunASR skips checkpoint tensors that do not fit the config and keeps random
-    weights in their place; refuse such a checkpoint instead."""
-    if not path or not Path(path).is_file():
-        raise ModelUnavailable(f"{model}: model.pt not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ModelUnavailable(f"{model}: model.pt is unreadable: {first_line(exc)}") from exc
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    bad = []
-    for name, tensor in net.state_dict().items():
-        if ".decoder." in name or name.startswith("ema."):
-            continue  # pre-training parts, unused at inference
-        if name not in state:
-            bad.append(f"{name} (missing)")
-        elif tuple(state[name].shape) != tuple(tensor.shape):
-            bad.append(f"{name} (checkpoint {tuple(state[name].shape)}, config {tuple(tensor.shape)})")
-    if bad:
-        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        raise ModelUnavailable(f"{model}: checkpoint does not match its config.yaml: {shown}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -29,17 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emotion.engine.loading import build_automodel
+from emotion.engine.loading import _alibi_unit, _conv_layers, _root_log_at, _samples_for_frames, _scored, build_automodel
 from emotion.errors import InferenceFailed, ModelUnavailable, first_line
+from emotion.settings import SAMPLE_RATE_HZ
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "rasa-emotion2vec[onnx]"'
 OPSET = 18
-SAMPLE_RATE_HZ = 16_000
-# Lengths checked against generate() at export: the shortest and longest turns the engine
-# runs whole (a window is at most 30 s), and one that is no multiple of the conv stride.
-CHECK_SAMPLES = (SAMPLE_RATE_HZ, 30 * SAMPLE_RATE_HZ, 2 * SAMPLE_RATE_HZ + 4321)
+# Lengths checked against generate() at export, besides the shortest clip the graph takes
+# (two frames, see _check_lengths): 1 s; 45 s, the longest clip the engine runs with the
+# default EMOTION_WINDOW_SECONDS (30 s: a longer turn is cut into windows, the last taking a
+# tail under half a window); and one that is no multiple of the conv stride.
+CHECK_SAMPLES = (SAMPLE_RATE_HZ, 45 * SAMPLE_RATE_HZ, 2 * SAMPLE_RATE_HZ + 4321)
 MAX_SCORE_DIFF = 1e-4
 # Bumped when the graph changes, so that cached exports of an older graph are not reused.
 GRAPH_VERSION = "1"
@@ -49,42 +52,45 @@ def onnxruntime():
     """The onnxruntime module, or ModelUnavailable saying how to install it."""
     try:
         import onnxruntime as ort
-    except ImportError as exc:
-        raise ModelUnavailable(f"the onnx runtime needs onnxruntime, which is not installed: {INSTALL_HINT}") from exc
+    except ImportError as exc:  # absent, or installed but broken (a missing shared library)
+        raise ModelUnavailable(f"the onnx runtime needs onnxruntime, which cannot be imported ({first_line(exc)}): "
+                               f"{INSTALL_HINT}") from exc
     return ort
 
 
-def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, source: str | None = None) -> dict:
+def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, auto=None) -> dict:
     """Export a checkpoint (hub id or FunASR directory) to ``out``, check it against
     FunASR's generate() and return a report; fp32 scores further than MAX_SCORE_DIFF
     from generate() fail the export. ``int8``: MatMul/Gemm weights quantised afterwards.
-    ``source``: the model's name for the metadata, where ``model`` is its downloaded copy."""
+    ``auto``: the checkpoint's FunASR AutoModel on the CPU, built already (``model`` then only
+    names it); it is left as it was found. Raises OSError where ``out`` cannot be written."""
     ort = onnxruntime()
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's; say so before it fails deep inside)
     except ImportError as exc:
-        raise ModelUnavailable(f"exporting to ONNX needs onnx and onnxscript: {INSTALL_HINT}") from exc
+        raise ModelUnavailable(f"exporting to ONNX needs onnx and onnxscript ({first_line(exc)}): {INSTALL_HINT}") from exc
     started = time.monotonic()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # A model of its own, as FunASR builds it: none of EmotionModel's hooks or attention
-    # wrappers is in the traced graph.
-    auto = build_automodel(model, hub, torch.device("cpu"))
+    # As FunASR builds it: none of EmotionModel's hooks or attention wrappers may be in the
+    # traced graph (EmotionModel passes its own before it installs them).
+    if auto is None:
+        auto = build_automodel(model, hub, torch.device("cpu"))
     if auto.model.proj is None:
         raise ModelUnavailable(f"{model}: checkpoint has no classification head")
     tokens = list(auto.kwargs.get("token_list") or [])
     # Written beside ``out`` and renamed over it once checked: a reader never sees half a file.
     float32, quantised = (out.with_name(f".{out.name}.{os.getpid()}.{kind}") for kind in ("float32", "int8"))
     try:
-        _export_graph(auto.model.eval(), tokens, float32)
+        _export_graph(auto.model, tokens, float32)
         proto = onnx.load(str(float32))
-        for key, value in {"labels": json.dumps(tokens, ensure_ascii=False), "source_model": source or model,
+        for key, value in {"labels": json.dumps(tokens, ensure_ascii=False), "source_model": model,
                            "sample_rate_hz": str(SAMPLE_RATE_HZ), "producer": "rasa-emotion2vec"}.items():
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(float32))
         del proto
-        waves = [_check_wave(n) for n in CHECK_SAMPLES]
+        waves = [_check_wave(n) for n in _check_lengths(auto.model)]
         got = _run(ort, float32, waves)
         report = {"model": model, "out": str(out), "opset": OPSET, "lengths_s": [len(w) / SAMPLE_RATE_HZ for w in waves],
                   **_against_generate(auto, tokens, waves, got)}
@@ -112,10 +118,14 @@ def _run(ort, path: Path, waves: list[np.ndarray]) -> list[tuple[np.ndarray, np.
 
 def _against_generate(auto, tokens: list[str], waves, got) -> dict:
     """Largest differences from FunASR's own generate(), per clip."""
-    keep = [i for i, t in enumerate(tokens) if not t.startswith("unuse")]  # the scores generate() returns
+    keep = _scored(tokens)
     scores, embeddings = [], []
     for wave, (score, embedding) in zip(waves, got):
-        ref = auto.generate(input=wave, granularity="utterance", extract_embedding=True, disable_pbar=True)[0]
+        try:
+            ref = auto.generate(input=wave, granularity="utterance", extract_embedding=True, disable_pbar=True)[0]
+        except Exception as exc:  # FunASR's own, on a clip the graph took
+            raise ModelUnavailable(f"FunASR's generate() failed on a {len(wave)}-sample check clip: {type(exc).__name__}: "
+                                   f"{first_line(exc)}") from exc
         scores.append(float(np.abs(score[0, keep] - np.asarray(ref["scores"])).max()))
         embeddings.append(float(np.abs(embedding[0] - ref["feats"]).max()))
     return {"max_score_diff": scores, "max_embedding_diff": embeddings}
@@ -135,7 +145,9 @@ class _Graph(torch.nn.Module):
         super().__init__()
         self.net = net
         # generate() sets the 'unuse*' tokens' logits to -inf before its softmax.
-        self.register_buffer("unused", torch.tensor([t.startswith("unuse") for t in tokens]), persistent=False)
+        unused = torch.ones(len(tokens), dtype=torch.bool)
+        unused[_scored(tokens)] = False
+        self.register_buffer("unused", unused, persistent=False)
 
     def forward(self, waveform: torch.Tensor):
         x = waveform
@@ -155,11 +167,8 @@ def _export_graph(net: torch.nn.Module, tokens: list[str], path: Path) -> None:
     # torch's dynamo exporter (torch.export, then onnxscript): its graph keeps the clip
     # length symbolic throughout. The TorchScript exporter (dynamo=False) also runs, but
     # its frames differed from FunASR's at every length we checked.
-    from funasr.models.emotion2vec.base import get_alibi
-
     enc = net.modality_encoders["AUDIO"]
-    heads = enc.modality_cfg.num_alibi_heads
-    unit = get_alibi(2, heads)[:, 0, 1].float()  # -slope per head: the bias at distance 1
+    unit = _alibi_unit(enc.modality_cfg.num_alibi_heads)
 
     def dynamic_alibi(batch_size, time_steps, heads, dtype, device, **_):
         # FunASR's get_alibi_bias caches a (heads x T x T) tensor sized by a Python int:
@@ -175,7 +184,7 @@ def _export_graph(net: torch.nn.Module, tokens: list[str], path: Path) -> None:
     from torch.export import Dim
 
     # Two frames' worth of samples and more: a length of 0 or 1 would be specialised.
-    samples = Dim("samples", min=_samples_for_frames(enc, 2))
+    samples = Dim("samples", min=_check_lengths(net)[0])
     example = torch.from_numpy(_check_wave(3 * SAMPLE_RATE_HZ + 123))[None]
     try:
         # The exporter logs a line per initializer it merges and prints its progress; stdout
@@ -184,29 +193,17 @@ def _export_graph(net: torch.nn.Module, tokens: list[str], path: Path) -> None:
             torch.onnx.export(_Graph(net, tokens).eval(), (example,), str(path), dynamo=True, opset_version=OPSET,
                               input_names=["waveform"], output_names=["scores", "embedding", "frames"],
                               dynamic_shapes={"waveform": {1: samples}}, external_data=False, verbose=False)
+    except OSError:
+        raise  # writing the file: the caller says where
     except Exception as exc:
         raise ModelUnavailable(f"ONNX export failed: {type(exc).__name__}: {first_line(exc, 300)}") from exc
     finally:
         enc.get_alibi_bias = own
 
 
-@contextlib.contextmanager
-def _root_log_at(level: int):
-    root = logging.getLogger()
-    before = root.level
-    root.setLevel(max(before, level))
-    try:
-        yield
-    finally:
-        root.setLevel(before)
-
-
-def _samples_for_frames(enc, frames: int) -> int:
-    samples = 1
-    layers = [(int(k), int(s)) for _dim, k, s in enc.feature_enc_layers]
-    for kernel, stride in reversed(layers):
-        samples = (samples - 1) * stride + kernel
-    return samples + (frames - 1) * int(np.prod([s for _k, s in layers]))
+def _check_lengths(net: torch.nn.Module) -> list[int]:
+    """Clip lengths checked at export: the shortest the graph takes (two frames), then CHECK_SAMPLES."""
+    return [_samples_for_frames(_conv_layers(net), 2), *CHECK_SAMPLES]
 
 
 def _check_wave(samples: int) -> np.ndarray:
@@ -245,18 +242,23 @@ def _session(ort, path: Path, *, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def cache_path(model_dir: Path, precision: str, cache_dir: Path) -> Path:
-    """Where a checkpoint's export lives in the cache: named by a hash of its files'
-    contents and the precision, so a changed checkpoint is exported afresh."""
-    digest = hashlib.sha256(f"{GRAPH_VERSION} {precision} {torch.__version__}".encode())
-    for name in ("model.pt", "config.yaml", "tokens.txt"):
-        file = model_dir / name
+def cache_paths(auto, cache_dir: Path) -> dict[str, Path]:
+    """Where a checkpoint's exports live in the cache, by precision: named by a hash of the
+    files FunASR loaded (the weights it read, which config.yaml or a hub's configuration.json
+    may name; config.yaml, tokens.txt) and of the versions that make the file, so a changed
+    checkpoint or exporter exports afresh."""
+    model_dir = Path(auto.kwargs["model_path"])
+    digest = hashlib.sha256(f"{GRAPH_VERSION} torch {torch.__version__} funasr {importlib.metadata.version('funasr')}".encode())
+    for file in (Path(auto.kwargs["init_param"]), *(model_dir / n for n in ("config.yaml", "configuration.json", "tokens.txt"))):
         if file.is_file():
             with open(file, "rb") as f:
                 while block := f.read(1 << 24):
                     digest.update(block)
         digest.update(b"\0")
-    return cache_dir / f"emotion2vec-{digest.hexdigest()[:24]}-{precision}.onnx"
+    float32 = digest.hexdigest()[:24]
+    digest.update(f"onnxruntime {onnxruntime().__version__}".encode())  # int8: its quantiser's
+    return {"float32": cache_dir / f"emotion2vec-{float32}-float32.onnx",
+            "int8": cache_dir / f"emotion2vec-{digest.hexdigest()[:24]}-int8.onnx"}
 
 
 class OnnxFrames:
@@ -273,23 +275,51 @@ class OnnxFrames:
             raise InferenceFailed(f"inference failed: {first_line(exc)}") from exc
 
 
-def load_cached(model_dir: Path, source: str, *, hub: str, precision: str, cache_dir: Path, threads: int) -> OnnxFrames:
-    """The checkpoint's export from the cache, exported there first if it is not; int8
-    quantises the cached fp32 export, so a change of precision exports nothing again."""
+def load_cached(auto, source: str, *, precision: str, cache_dir: Path, threads: int) -> OnnxFrames:
+    """The export of a checkpoint (``auto``: its FunASR AutoModel on the CPU, left as it was)
+    from the cache, exported there first if it is not; int8 quantises the cached fp32 export,
+    so a change of precision exports nothing again. A cached file that onnxruntime cannot open,
+    or whose labels are not the checkpoint's tokens, is made afresh."""
     ort = onnxruntime()
-    float32 = cache_path(model_dir, "float32", cache_dir)
-    path = cache_path(model_dir, precision, cache_dir)
-    if not float32.is_file():
-        log.info("exporting %s to ONNX at %s, once", source, float32)
-        log.info("ONNX export of %s: %s", source, export_onnx(str(model_dir), float32, hub=hub, source=source))
-    if not path.is_file():  # int8
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        try:
-            _quantise(float32, temporary)
-            waves = [_check_wave(n) for n in CHECK_SAMPLES]
-            report = _against_float32(_run(ort, temporary, waves), _run(ort, float32, waves))
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        log.info("ONNX int8 export of %s at %s: %s", source, path, report)
-    return OnnxFrames(path, threads=threads)
+    paths = cache_paths(auto, cache_dir)
+    float32, path = paths["float32"], paths[precision]
+    tokens = list(auto.kwargs.get("token_list") or [])
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fresh = not float32.is_file()
+            if fresh:
+                log.info("exporting %s to ONNX at %s, once", source, float32)
+                log.info("ONNX export of %s: %s", source, export_onnx(source, float32, auto=auto))
+            try:
+                if not path.is_file():  # int8
+                    waves = [_check_wave(n) for n in _check_lengths(auto.model)]
+                    log.info("ONNX int8 export of %s at %s: %s", source, path, _quantise_beside(ort, float32, path, waves))
+                frames = OnnxFrames(path, threads=threads)
+                if json.loads(frames.session.get_modelmeta().custom_metadata_map.get("labels", "null")) == tokens:
+                    return frames
+                reason = "its labels are not the checkpoint's tokens"
+            except OSError:
+                raise
+            except Exception as exc:  # onnxruntime's and onnx's own types: a damaged file
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+            if fresh:
+                raise ModelUnavailable(f"{source}: the ONNX export {path}, made just now, is unusable: {reason}")
+            log.warning("the cached ONNX export %s is unusable (%s): exporting it afresh", path, reason)
+            for stale in (path, float32):  # for int8, its fp32 source may be the damaged one
+                stale.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ModelUnavailable(f"EMOTION_ONNX_CACHE_DIR={cache_dir}: cannot write the ONNX export {path}: {first_line(exc)}; "
+                               "set it to a writable directory") from exc
+
+
+def _quantise_beside(ort, float32: Path, path: Path, waves: list[np.ndarray]) -> dict:
+    # Written beside ``path`` and renamed over it once checked: a reader never sees half a file.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        _quantise(float32, temporary)
+        report = _against_float32(_run(ort, temporary, waves), _run(ort, float32, waves))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return report

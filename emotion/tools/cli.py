@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from emotion.errors import EmotionError
+from emotion.errors import EmotionError, ModelUnavailable, first_line
 from emotion.settings import GRANULARITIES, Settings, reference_markdown
 from emotion.tools.calibrate import DEFAULT_MIN_POSITIVES, DEFAULT_PRECISION
 from emotion.tools.console import Progress, quiet_libraries
@@ -148,7 +148,11 @@ def _run(args: argparse.Namespace) -> int:
         from emotion.settings import MODEL_ALIASES
 
         model = MODEL_ALIASES.get(args.model, args.model)
-        print(json.dumps(export_onnx(model, Path(args.out), hub=args.hub, int8=args.int8), indent=2))
+        try:
+            report = export_onnx(model, Path(args.out), hub=args.hub, int8=args.int8)
+        except OSError as exc:
+            raise ModelUnavailable(f"cannot write {args.out}: {first_line(exc)}") from exc
+        print(json.dumps(report, indent=2))
         return 0
     from emotion.tools.checkpoint import write_checkpoint
 
