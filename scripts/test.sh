@@ -12,7 +12,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 .venv/bin/ruff check emotion actions tests domain_snippets bench
 logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
+py310='' rasa_pro=''
+# The background runs too, when the main suite is interrupted; `|| true`: under set -e a
+# failed kill (none left to kill) would end the trap before rm and change the exit status.
+trap 'kill $py310 $rasa_pro 2>/dev/null || true; rm -rf "$logs"' EXIT
 .venv310/bin/python -m pytest -p no:cacheprovider -m "not model" "$@" tests/test_audio.py tests/test_sources.py tests/test_batching.py \
     tests/test_rules.py tests/test_config.py >"$logs/py310" 2>&1 &
 py310=$!
@@ -21,9 +24,11 @@ rasa_pro=$!
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 wait $py310 || status=$((status ? status : $?))
+py310=''  # waited for: its pid may be another process's by the time the trap runs
 echo "--- Python 3.10 (torch-free tests)"
 cat "$logs/py310"
 wait $rasa_pro || status=$((status ? status : $?))
+rasa_pro=''
 echo "--- Rasa Pro 3.21"
 cat "$logs/rasa_pro"
 [ "$status" -eq 0 ] || exit "$status"
