@@ -328,7 +328,7 @@ async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: s
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = [loop.run_in_executor(pool, _load_process, url, path, clips_url, distinct, args.server_turns // processes
                                      + (k < args.server_turns % processes), args.server_rate / processes, start_at, k,
-                                     getattr(args, "arrivals", "poisson"), processes)
+                                     args.arrivals, processes)
                 for k in range(processes)]
         prober = asyncio.create_task(probe())
         parts = await asyncio.gather(*runs)
@@ -339,7 +339,7 @@ async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: s
     finished = max(part["last_done"] for part in parts)
     statuses = [s for part in parts for s in part["status"]]
     return {
-        "arrivals": getattr(args, "arrivals", "poisson"),
+        "arrivals": args.arrivals,
         "turns": len(statuses),
         "offered_turns_per_s": round((len(sent) - 1) / (sent[-1] - sent[0]), 1) if len(sent) > 1 else None,
         "turns_per_s": round(len(ok) / (finished - sent[0]), 1),
@@ -352,7 +352,7 @@ async def _open_loop(url: str, path: str, args: argparse.Namespace, clips_url: s
 
 
 def _load_process(url: str, path: str, clips_url: str, distinct: int, turns: int, rate: float, start_at: float, seed: int,
-                  arrivals: str = "poisson", processes: int = 1) -> dict:
+                  arrivals: str, processes: int) -> dict:
     """One load process: arrivals at ``rate``, from ``start_at`` (CLOCK_MONOTONIC is shared
     by every process on the machine)."""
     return asyncio.run(_arrivals(url, path, clips_url, distinct, turns, rate, start_at, seed, arrivals, processes))

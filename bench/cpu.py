@@ -216,8 +216,8 @@ def _fidelity(scores, ref_scores, emb, ref_emb) -> dict:
 
 
 def _server(args: argparse.Namespace, model_dir: str, measured: dict | None) -> dict:
-    """The chosen mode through the real action server: ``/v1/analyze`` with raw WAV bytes,
-    Poisson arrivals at ``--server-load`` of the clips/s it served in-process."""
+    """The chosen mode through the real action server: ``/v1/analyze`` with raw WAV bytes at
+    ``--server-load`` of the clips/s it served in-process, for each of ``--server-arrivals``."""
     import httpx
 
     mode = args.server_mode
@@ -229,16 +229,16 @@ def _server(args: argparse.Namespace, model_dir: str, measured: dict | None) -> 
     one_turn_p50 = measured["one_turn_alone"]["latency_ms"]["p50"]
     report = {"mode": mode, "env": measured["settings"], "path": "api_raw_bytes", "in_process_clips_per_s": capacity,
               "in_process_one_turn_p50_ms": one_turn_p50}
+    load = argparse.Namespace(server_turns=args.server_turns, server_rate=args.server_load * capacity, seconds=args.seconds,
+                              fixed_seconds=None, load_processes=args.load_processes)
     with tempfile.TemporaryDirectory() as clips_dir:
+        wavs = common._turn_wavs(load, Path(clips_dir))  # the same turns for each arrival process
         try:
             with common.action_server(env) as (_proc, url), common._file_server(clips_dir) as clips_url:
                 pid = httpx.get(url + "/ready").json()["pid"]  # the worker that holds the model
                 report["rss_after_warmup_mb"] = _rss_mb(pid)
                 for arrivals in args.server_arrivals:
-                    load = argparse.Namespace(server_turns=args.server_turns, server_rate=args.server_load * capacity,
-                                              seconds=args.seconds, fixed_seconds=None, load_processes=args.load_processes,
-                                              arrivals=arrivals)
-                    wavs = common._turn_wavs(load, Path(clips_dir))
+                    load.arrivals = arrivals
                     run = asyncio.run(common._open_loop(url, "api_raw_bytes", load, clips_url, len(wavs)))
                     run["p95_over_in_process_p50"] = round(run["latency_ms"]["p95"] / one_turn_p50, 2) if run["latency_ms"] else None
                     report[arrivals] = run
