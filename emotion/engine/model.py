@@ -137,10 +137,11 @@ class EmotionModel:
         self.packs = False
         self.budgets: tuple[int, ...] = ()
         if self.runtime == "onnx":
-            # Exported from this AutoModel, before any hook or attention wrapper of ours is in it.
-            self._onnx = onnx.load_cached(auto, model, precision=self.precision, cache_dir=Path(onnx_cache_dir).expanduser(),
-                                          threads=torch.get_num_threads())
+            # Dropped before an export starts: its process loads the weights itself.
             self._drop_encoder()
+            self._onnx = onnx.load_cached(auto, model, hub=hub, precision=self.precision,
+                                          cache_dir=Path(onnx_cache_dir).expanduser(), threads=torch.get_num_threads())
+            _release_freed()  # and what reading the file into the session took
             return
         self._install_gap_hooks()
         blocks = use_flex_attention(self.net)
@@ -164,10 +165,7 @@ class EmotionModel:
         self.net.blocks = torch.nn.ModuleList()
         self.net.norm = None
         self._encoder = None
-        gc.collect()
-        # glibc keeps most of the freed weights in its heap, counted as resident, until asked.
-        with contextlib.suppress(OSError, AttributeError):  # another libc: nothing to ask
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _release_freed()
 
     @staticmethod
     def compiled_graphs() -> int:
@@ -321,6 +319,13 @@ class EmotionModel:
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.net.proj.weight.float(), self.net.proj.bias.float())
         return torch.softmax(logits[..., self._keep], dim=-1)
+
+
+def _release_freed() -> None:
+    gc.collect()
+    # glibc keeps most of what was freed in its heap, counted as resident, until asked.
+    with contextlib.suppress(OSError, AttributeError):  # another libc: nothing to ask
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Packing(NamedTuple):

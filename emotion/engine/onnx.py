@@ -17,12 +17,12 @@ onnxruntime and onnx are imported only here, and only when used.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +37,8 @@ from emotion.settings import SAMPLE_RATE_HZ
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "rasa-emotion2vec[onnx]"'
-OPSET = 18
+# 20: GELU is one op (Gelu-20); in 18 it is five, which ONNX Runtime's fusion does not recognise.
+OPSET = 20
 # Lengths checked against generate() at export, besides the shortest clip the graph takes
 # (two frames, see _check_lengths): 1 s; 45 s, the longest clip the engine runs with the
 # default EMOTION_WINDOW_SECONDS (30 s: a longer turn is cut into windows, the last taking a
@@ -45,7 +46,7 @@ OPSET = 18
 CHECK_SAMPLES = (SAMPLE_RATE_HZ, 45 * SAMPLE_RATE_HZ, 2 * SAMPLE_RATE_HZ + 4321)
 MAX_SCORE_DIFF = 1e-4
 # Bumped when the graph changes, so that cached exports of an older graph are not reused.
-GRAPH_VERSION = "1"
+GRAPH_VERSION = "2"
 
 
 def onnxruntime():
@@ -58,12 +59,11 @@ def onnxruntime():
     return ort
 
 
-def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, auto=None) -> dict:
+def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False) -> dict:
     """Export a checkpoint (hub id or FunASR directory) to ``out``, check it against
     FunASR's generate() and return a report; fp32 scores further than MAX_SCORE_DIFF
     from generate() fail the export. ``int8``: MatMul/Gemm weights quantised afterwards.
-    ``auto``: the checkpoint's FunASR AutoModel on the CPU, built already (``model`` then only
-    names it); it is left as it was found. Raises OSError where ``out`` cannot be written."""
+    Raises OSError where ``out`` cannot be written."""
     ort = onnxruntime()
     try:
         import onnx
@@ -73,10 +73,8 @@ def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, a
     started = time.monotonic()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # As FunASR builds it: none of EmotionModel's hooks or attention wrappers may be in the
-    # traced graph (EmotionModel passes its own before it installs them).
-    if auto is None:
-        auto = build_automodel(model, hub, torch.device("cpu"))
+    # As FunASR builds it: none of EmotionModel's hooks or attention wrappers in the traced graph.
+    auto = build_automodel(model, hub, torch.device("cpu"))
     if auto.model.proj is None:
         raise ModelUnavailable(f"{model}: checkpoint has no classification head")
     tokens = list(auto.kwargs.get("token_list") or [])
@@ -104,8 +102,6 @@ def export_onnx(model: str, out: Path, *, hub: str = "ms", int8: bool = False, a
     finally:
         for temporary in (float32, quantised):
             temporary.unlink(missing_ok=True)
-        del auto
-        gc.collect()
     report.update(precision="int8" if int8 else "float32", bytes=out.stat().st_size,
                   seconds=round(time.monotonic() - started, 1))
     return report
@@ -275,12 +271,12 @@ class OnnxFrames:
             raise InferenceFailed(f"inference failed: {first_line(exc)}") from exc
 
 
-def load_cached(auto, source: str, *, precision: str, cache_dir: Path, threads: int) -> OnnxFrames:
-    """The export of a checkpoint (``auto``: its FunASR AutoModel on the CPU, left as it was)
-    from the cache, exported there first if it is not; int8 quantises the cached fp32 export,
-    so a change of precision exports nothing again. A cached file that onnxruntime cannot open,
-    or whose labels are not the checkpoint's tokens, is made afresh."""
-    ort = onnxruntime()
+def load_cached(auto, source: str, *, hub: str, precision: str, cache_dir: Path, threads: int) -> OnnxFrames:
+    """The export of a checkpoint (``auto``: its FunASR AutoModel, of which only the files it
+    loaded are read) from the cache, exported there first if it is not, in a process of its
+    own (``_apart``); int8 quantises the cached fp32 export, so a change of precision exports
+    nothing again. A cached file that onnxruntime cannot open, or whose labels are not the
+    checkpoint's tokens, is made afresh."""
     paths = cache_paths(auto, cache_dir)
     float32, path = paths["float32"], paths[precision]
     tokens = list(auto.kwargs.get("token_list") or [])
@@ -290,11 +286,10 @@ def load_cached(auto, source: str, *, precision: str, cache_dir: Path, threads: 
             fresh = not float32.is_file()
             if fresh:
                 log.info("exporting %s to ONNX at %s, once", source, float32)
-                log.info("ONNX export of %s: %s", source, export_onnx(source, float32, auto=auto))
+                log.info("ONNX export of %s: %s", source, _apart(export_onnx, source, str(float32), hub=hub))
             try:
                 if not path.is_file():  # int8
-                    waves = [_check_wave(n) for n in _check_lengths(auto.model)]
-                    log.info("ONNX int8 export of %s at %s: %s", source, path, _quantise_beside(ort, float32, path, waves))
+                    log.info("ONNX int8 export of %s at %s: %s", source, path, _apart(_quantise_beside, str(float32), str(path)))
                 frames = OnnxFrames(path, threads=threads)
                 if json.loads(frames.session.get_modelmeta().custom_metadata_map.get("labels", "null")) == tokens:
                     return frames
@@ -313,7 +308,48 @@ def load_cached(auto, source: str, *, precision: str, cache_dir: Path, threads: 
                                "set it to a writable directory") from exc
 
 
-def _quantise_beside(ort, float32: Path, path: Path, waves: list[np.ndarray]) -> dict:
+def _apart(fn, *args: str, **kwargs: str):
+    """``fn(*args, **kwargs)``, a function of this module, in a Python of its own; its
+    ModelUnavailable and OSError raised here. The exporter and the quantiser keep hold of what
+    they built after they return (the model's weights among it, past gc), and a server that
+    exported in its own process would carry that for life. Not multiprocessing: its spawn
+    runs the host's main script again, which a script that loads the model unguarded cannot take."""
+    call = json.dumps([fn.__name__, args, kwargs])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))}  # this process's emotion
+    done = subprocess.run([sys.executable, "-c", "from emotion.engine.onnx import _child; _child()", call],
+                          stdout=subprocess.PIPE, env=env, text=True, check=False)
+    try:
+        out = json.loads(done.stdout.splitlines()[-1])
+    except (IndexError, ValueError):
+        out = None
+    if done.returncode != 0 or not isinstance(out, dict):
+        killed = " (killed: out of memory?)" if done.returncode < 0 else ""
+        raise ModelUnavailable(f"the ONNX export's process ended with status {done.returncode}{killed} before it finished")
+    if "error" in out:
+        raise (OSError if out["kind"] == "OSError" else ModelUnavailable)(out["error"])
+    return out["report"]
+
+
+def _child() -> None:
+    """A process that ``_apart`` started: its call from argv, its result as the last line of stdout."""
+    name, args, kwargs = json.loads(sys.argv[1])
+    fn = {"export_onnx": export_onnx, "_quantise_beside": _quantise_beside}[name]
+    try:
+        out = {"report": fn(*args, **kwargs)}
+    except OSError as exc:
+        out = {"error": str(exc), "kind": "OSError"}
+    except ModelUnavailable as exc:
+        out = {"error": exc.message, "kind": "ModelUnavailable"}
+    except Exception as exc:  # onnx's and onnxruntime's own types, on a damaged fp32 file
+        out = {"error": f"{type(exc).__name__}: {first_line(exc)}", "kind": type(exc).__name__}
+    print(json.dumps(out))
+
+
+def _quantise_beside(float32: str, path: str) -> dict:
+    """int8 of the fp32 export at ``path``, with its distance from fp32 on the check clips."""
+    ort = onnxruntime()
+    float32, path = Path(float32), Path(path)
+    waves = [_check_wave(n) for n in CHECK_SAMPLES]
     # Written beside ``path`` and renamed over it once checked: a reader never sees half a file.
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     try:
